@@ -1,0 +1,28 @@
+"""smoa — SMoA (Spectrum Modulation Adapter) as an ``nn.Linear`` drop-in, with fused kernels and PEFT integration.
+
+Public API: :class:`SMoALinear`, :func:`apply_smoa`, :func:`merge_smoa`, :func:`use_backend`, :func:`get_backend`,
+:func:`spectral_orders`.
+"""
+
+from smoa.backends import BACKENDS, available_backends, get_backend, use_backend
+from smoa.layer import SMoALinear
+from smoa.model import apply_smoa, merge_smoa, smoa_layers
+from smoa.partition import ORDERINGS, compute_orders, spectral_orders, spectral_scores
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "ORDERINGS",
+    "SMoALinear",
+    "__version__",
+    "apply_smoa",
+    "available_backends",
+    "compute_orders",
+    "get_backend",
+    "merge_smoa",
+    "smoa_layers",
+    "spectral_orders",
+    "spectral_scores",
+    "use_backend",
+]

@@ -1,0 +1,109 @@
+"""Backend choice: which implementation computes an SMoA layer.
+
+``reference`` — the dense oracle (:mod:`smoa_kernels.reference`), the authors' formulation; ``torch`` — the blockwise
+pure-PyTorch path (:mod:`smoa_kernels.blockwise`); ``triton`` — the fused kernels (:mod:`smoa_kernels.triton_smoa`);
+``auto`` — ``triton`` for CUDA tensors when it is available, ``torch`` otherwise.
+
+The active name comes from, in order: a layer's own ``backend=`` argument, the innermost :func:`use_backend` context,
+the ``SMOA_BACKEND`` environment variable, and ``"auto"``. A backend asked for by name is used or an error is
+raised — never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from collections.abc import Callable, Iterator
+
+import torch
+
+__all__ = ["BACKENDS", "available_backends", "get_backend", "resolve_backend", "smoa_linear", "use_backend"]
+
+BACKENDS = ("reference", "torch", "triton", "auto")
+ENV_VAR = "SMOA_BACKEND"
+_active: contextvars.ContextVar[str | None] = contextvars.ContextVar("smoa_backend", default=None)
+
+
+def check_backend_name(name: str, argument: str = "backend") -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{argument}={name!r} is not a known SMoA backend; choose one of {BACKENDS}")
+    return name
+
+
+def get_backend() -> str:
+    """The backend name in force here: the innermost :func:`use_backend`, else ``$SMOA_BACKEND``, else ``auto``."""
+    name = _active.get()
+    if name is not None:
+        return name
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return check_backend_name(env.strip(), argument=ENV_VAR)
+    return "auto"
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """Context manager: compute every SMoA layer without its own ``backend=`` with ``name`` inside the block."""
+    token = _active.set(check_backend_name(name))
+    try:
+        yield name
+    finally:
+        _active.reset(token)
+
+
+def _triton_status() -> tuple[bool, str]:
+    try:
+        from smoa_kernels import triton_smoa
+    except ImportError as error:  # triton not installed (macOS, Windows) or the kernels module failed to import
+        return False, f"the Triton kernels cannot be imported ({error})"
+    return triton_smoa.is_available()
+
+
+def available_backends() -> dict[str, tuple[bool, str]]:
+    """``{name: (available, reason)}`` for the concrete backends on this machine."""
+    return {"reference": (True, ""), "torch": (True, ""), "triton": _triton_status()}
+
+
+def resolve_backend(name: str | None, device: torch.device) -> str:
+    """The concrete backend (``reference``/``torch``/``triton``) that computes tensors on ``device``."""
+    name = get_backend() if name is None else check_backend_name(name)
+    if name == "auto":
+        return "triton" if device.type == "cuda" and _triton_status()[0] else "torch"
+    if name == "triton":
+        ok, reason = _triton_status()
+        if not ok:
+            raise RuntimeError(f"SMoA backend 'triton' was requested but is not available: {reason}")
+    return name
+
+
+def _implementation(name: str) -> Callable[..., torch.Tensor]:
+    if name == "reference":
+        from smoa_kernels.reference import smoa_linear_reference
+
+        return smoa_linear_reference
+    if name == "torch":
+        from smoa_kernels.blockwise import smoa_linear_blockwise
+
+        return smoa_linear_blockwise
+    from smoa_kernels.triton_smoa import smoa_linear_triton
+
+    return smoa_linear_triton
+
+
+def smoa_linear(
+    x: torch.Tensor,
+    x_adapter: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    row_order: torch.Tensor,
+    col_order: torch.Tensor,
+    num_blocks: int,
+    scale: float,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``y = x W0ᵀ + b + s · x_adapter ΔWᵀ`` (SPEC §2) with the chosen backend; see the module docstring."""
+    fn = _implementation(resolve_backend(backend, x.device))
+    return fn(x, x_adapter, weight, bias, lora_A, lora_B, row_order, col_order, num_blocks, scale)

@@ -1,0 +1,46 @@
+"""Block layout of an SMoA adapter (SPEC §1.4 and §3): which rows/columns form block k.
+
+``row_order``/``col_order`` are permutations of ``range(d_out)``/``range(d_in)``; block k owns the k-th chunk of
+``torch.tensor_split(order, K)`` (the first ``n mod K`` chunks hold one element more). Everything here is O(d) and
+derived from the two orders, so nothing but the orders needs to be stored.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["block_bounds", "block_ids", "block_sizes", "inverse_permutation"]
+
+
+def block_sizes(n: int, num_blocks: int) -> list[int]:
+    """Sizes of ``torch.tensor_split(range(n), num_blocks)``: the first ``n % K`` chunks hold one more."""
+    base, extra = divmod(n, num_blocks)
+    return [base + (1 if k < extra else 0) for k in range(num_blocks)]
+
+
+def block_bounds(n: int, num_blocks: int) -> list[tuple[int, int]]:
+    """``[(start, stop)]`` of each block's chunk in the sorted order (permuted coordinates)."""
+    bounds, start = [], 0
+    for size in block_sizes(n, num_blocks):
+        bounds.append((start, start + size))
+        start += size
+    return bounds
+
+
+def block_ids(order: torch.Tensor, num_blocks: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """``blk[i] = k`` for every original coordinate ``i`` in block k (SPEC §3's ``blk_row``/``blk_col``)."""
+    sizes = block_sizes(order.numel(), num_blocks)
+    per_position = torch.repeat_interleave(
+        torch.arange(num_blocks, device=order.device, dtype=dtype),
+        torch.tensor(sizes, device=order.device),
+    )
+    ids = torch.empty(order.numel(), dtype=dtype, device=order.device)
+    ids[order] = per_position
+    return ids
+
+
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    """``inv`` with ``inv[order[j]] = j``, so ``t[..., order][..., inv] == t``."""
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(order.numel(), device=order.device, dtype=order.dtype)
+    return inv
