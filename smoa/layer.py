@@ -108,14 +108,12 @@ class SMoALinear(nn.Module):
     ) -> SMoALinear:
         """Wrap an existing ``nn.Linear``: its ``weight``/``bias`` Parameters are shared (not copied) and frozen."""
         if not isinstance(linear, nn.Linear):
-            raise TypeError(
-                f"linear must be a torch.nn.Linear, got {type(linear).__name__}"
-                + (
-                    " (GPT-2 Conv1D is supported through the PEFT tuner's fan_in_fan_out)"
-                    if type(linear).__name__ == "Conv1D"
-                    else ""
-                )  # fmt: skip
+            hint = (
+                " (GPT-2 Conv1D goes through the PEFT tuner's fan_in_fan_out)"
+                if type(linear).__name__ == "Conv1D"
+                else ""
             )
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}{hint}")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._attach(linear.weight, linear.bias, r, num_blocks, alpha, dropout, ordering, seed, svd_dtype,
