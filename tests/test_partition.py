@@ -1,0 +1,109 @@
+"""The spectral partition (SPEC §1) on matrices whose answer is known by hand, plus the ablation orderings."""
+
+import pytest
+import torch
+
+from smoa.partition import compute_orders, spectral_orders, spectral_scores, validate_order
+
+
+def test_diagonal_matrix_orders_by_magnitude():
+    # W = diag(1, 3, 2): σ = (3, 2, 1) with singular vectors e1, e2, e0, so row/col i has spectral index
+    # j(3)=0 for i=1, j(2)=1 for i=2, j(1)=2 for i=0 — scores (2, 0, 1), order (1, 2, 0).
+    W = torch.diag(torch.tensor([1.0, 3.0, 2.0]))
+    score_row, score_col = spectral_scores(W, torch.float64)
+    torch.testing.assert_close(score_row, torch.tensor([2.0, 0.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(score_col, torch.tensor([2.0, 0.0, 1.0], dtype=torch.float64))
+    row, col = spectral_orders(W)
+    assert row.tolist() == [1, 2, 0] and col.tolist() == [1, 2, 0]
+    assert row.dtype == torch.long
+
+
+def test_rectangular_known_mixture_and_zero_row():
+    # W (4×2) = U diag(σ) Vᵀ with σ = (2, 1), V = I, U's columns e0 and (e1+e2)/√2; row 3 is all zero.
+    # rows 1, 2 carry only the σ=1 direction (score 1), row 0 only σ=2 (score 0), row 3 scores 0 (eps rule).
+    # Columns: col 0 is the σ=2 direction (score 0), col 1 the σ=1 one (score 1).
+    inv = 2**-0.5
+    W = torch.tensor([[2.0, 0.0], [0.0, inv], [0.0, inv], [0.0, 0.0]], dtype=torch.float64)
+    score_row, score_col = spectral_scores(W, torch.float64)
+    torch.testing.assert_close(score_row, torch.tensor([0.0, 1.0, 1.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(score_col, torch.tensor([0.0, 1.0], dtype=torch.float64))
+    row, col = spectral_orders(W, torch.float64)
+    assert row.tolist() == [0, 3, 1, 2]  # stable: ties keep index order
+    assert col.tolist() == [0, 1]
+
+
+def test_energy_weighted_mean_of_a_mixed_row():
+    # One row mixing two spectral directions: score = Σ j·e_j / Σ e_j with e_j = U²σ² = row energy per direction.
+    # W = [[3, 4]] has one singular value; use a 2×2 with rows (a, b) in the singular basis V = I:
+    # W = [[2, 0], [0, 1]] rotated on the left by a 45° U: each row has energy 2 in σ=2 and 0.5 in σ=1.
+    c = 2**-0.5
+    U = torch.tensor([[c, -c], [c, c]], dtype=torch.float64)
+    W = U @ torch.diag(torch.tensor([2.0, 1.0], dtype=torch.float64))
+    score_row, _ = spectral_scores(W, torch.float64)
+    expected = (0 * 2.0 + 1 * 0.5) / (2.0 + 0.5)
+    torch.testing.assert_close(score_row, torch.full((2,), expected, dtype=torch.float64))
+
+
+def test_scores_invariant_to_sign_flips_and_orthogonal_changes():
+    # Squares make the result independent of SVD sign conventions: W and -W, and W with a column sign flip.
+    W = torch.randn(12, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    flip = W.clone()
+    flip[:, 3] *= -1
+    for other in (-W, flip):
+        for a, b in zip(spectral_scores(W, torch.float64), spectral_scores(other, torch.float64)):
+            torch.testing.assert_close(a, b)
+
+
+def test_identity_and_random_orderings():
+    W = torch.randn(7, 5)
+    row, col = compute_orders(W, "identity")
+    assert row.tolist() == list(range(7)) and col.tolist() == list(range(5))
+    r1, c1 = compute_orders(W, "random", seed=3)
+    r2, c2 = compute_orders(W, "random", seed=3)
+    r3, _ = compute_orders(torch.randn(7, 5), "random", seed=4)
+    assert torch.equal(r1, r2) and torch.equal(c1, c2)
+    assert not torch.equal(r1, r3)
+    validate_order("row_order", r1, 7)
+    validate_order("col_order", c1, 5)
+
+
+@pytest.mark.parametrize(
+    "weight, error, match",
+    [
+        (torch.ones(3, 3, dtype=torch.int64), TypeError, "floating point"),
+        (torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), ValueError, "NaN or Inf"),
+        (torch.tensor([[1.0, float("inf")], [0.0, 1.0]]), ValueError, "NaN or Inf"),
+        (torch.ones(3), ValueError, "2-D"),
+    ],
+)
+def test_bad_weight(weight, error, match):
+    with pytest.raises(error, match=match):
+        spectral_orders(weight)
+
+
+def test_bad_ordering_and_svd_dtype():
+    with pytest.raises(ValueError, match="ordering='svd'"):
+        compute_orders(torch.randn(3, 3), "svd")
+    with pytest.raises(ValueError, match="svd_dtype"):
+        spectral_orders(torch.randn(3, 3), svd_dtype=torch.float16)
+
+
+@pytest.mark.parametrize(
+    "order, match",
+    [
+        (torch.tensor([0, 1, 1]), "not a permutation"),
+        (torch.tensor([0, 1, 3]), "not a permutation"),
+        (torch.tensor([0, 1]), "shape"),
+        (torch.tensor([0.0, 1.0, 2.0]), "integer"),
+    ],
+)
+def test_validate_order_rejects(order, match):
+    with pytest.raises(ValueError, match=match):
+        validate_order("row_order", order, 3)
+
+
+def test_half_precision_weight_gets_fp32_svd():
+    W = torch.randn(16, 8).to(torch.bfloat16)
+    row, col = spectral_orders(W)
+    expected_row, expected_col = spectral_orders(W.float())
+    assert torch.equal(row, expected_row) and torch.equal(col, expected_col)
