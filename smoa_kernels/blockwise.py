@@ -56,10 +56,18 @@ class SMoABlockwiseFunction(torch.autograd.Function):
         ctx.save_for_backward(x_perm, weight, lora_A, lora_B, row_order, col_order)
         ctx.num_blocks, ctx.scale, ctx.same_input = num_blocks, scale, x_adapter is x
         ctx.x_adapter_dtype = x_adapter.dtype
+        device = x.device.type  # backward runs under the forward's autocast state (what custom_bwd does, any device)
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
+        device, dtype, enabled = ctx.autocast
+        with torch.autocast(device_type=device, dtype=dtype, enabled=enabled):
+            return SMoABlockwiseFunction._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         x_perm, weight, lora_A, lora_B, row_order, col_order = ctx.saved_tensors
         need_x, need_xa, _, need_b, need_A, need_B = ctx.needs_input_grad[:6]
         grad_x = grad_out @ weight if need_x else None
@@ -79,13 +87,13 @@ class SMoABlockwiseFunction(torch.autograd.Function):
                 if need_A or need_B:
                     h_k = (dy_perm[:, rows].T @ x_perm[:, cols]) * anchor
                     if need_A:
-                        grad_A[:, C_k] = B_k.T @ h_k
+                        grad_A[:, C_k] = (B_k.T @ h_k).to(grad_A.dtype)  # autocast may compute in half
                     if need_B:
-                        grad_B[R_k, :] = h_k @ A_k.T
+                        grad_B[R_k, :] = (h_k @ A_k.T).to(grad_B.dtype)
             if need_xa:
                 dx_perm = dx_perm.to(ctx.x_adapter_dtype)
                 if ctx.same_input and grad_x is not None:  # one tensor: add the adapter part in place, once
-                    grad_x.index_add_(1, col_order, dx_perm)
+                    grad_x.index_add_(1, col_order, dx_perm.to(grad_x.dtype))
                 else:
                     grad_xa = dx_perm.new_zeros(dx_perm.shape).index_add_(1, col_order, dx_perm)
         return grad_x, grad_xa, None, grad_bias, grad_A, grad_B, None, None, None, None

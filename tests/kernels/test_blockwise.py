@@ -136,3 +136,19 @@ def test_nothing_weight_sized_saved_for_backward():
     limit = 64 * 64 // 4
     assert max(_saved_numels(smoa_linear_blockwise, problem)) < limit
     assert max(_saved_numels(smoa_linear_reference, problem)) >= 64 * 64  # the dense oracle does save ΔW
+
+
+def test_cpu_autocast_bf16_matches_reference_under_autocast():
+    # fp32 base and factors under bf16 autocast: forward in bf16, backward under the same autocast state
+    p = make_problem(6, 16, 12, 2, 3)
+    outs = {}
+    for name, fn in (("ref", smoa_linear_reference), ("fast", smoa_linear_blockwise)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = call(fn, p)
+        assert y.dtype == torch.bfloat16
+        outs[name] = (y, grads(y, p))
+    (y_ref, g_ref), (y_fast, g_fast) = outs["ref"], outs["fast"]
+    assert_close(y_fast, y_ref, dtype=torch.bfloat16, scale=y_ref.abs().max().item())
+    for name, value in g_ref.items():
+        assert g_fast[name].dtype == p[name].dtype == torch.float32
+        assert_close(g_fast[name], value, dtype=torch.bfloat16, scale=value.abs().max().item())
