@@ -1,0 +1,164 @@
+"""``SMoAConfig``: the PEFT configuration of an SMoA adapter (SPEC §1-2), following ``LoraConfig``'s names.
+
+Naming choices (so that a ``LoraConfig(...)`` call becomes an ``SMoAConfig(...)`` call by changing the class name):
+
+- ``r`` is SPEC's r, the **total** rank budget of a layer; every one of the ``num_blocks`` blocks gets rank
+  ``r / num_blocks`` (``r`` must be divisible by ``num_blocks``), so the trainable-parameter count equals LoRA's at
+  rank ``r / num_blocks``.
+- ``lora_alpha`` (LoRA's name, not ``alpha``) sets the scale ``s = lora_alpha / r``. Its default is ``None``, meaning
+  ``lora_alpha = r`` for every layer (``s = 1``, the paper's recipe) — also under ``rank_pattern``. LoRA's own default
+  is a fixed ``lora_alpha = 8``; pass a number to get LoRA's behaviour.
+- ``lora_dropout`` (LoRA's name) is the dropout on the adapter path only.
+- ``init_weights``: ``True`` (every ``A_k`` kaiming-uniform over its block's fan-in, ``B = 0``: an exact no-op) or
+  ``False`` (``B`` random too; for tests and debugging).
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft.config import PeftConfig
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, PeftType
+
+from smoa.partition import ORDERINGS
+
+__all__ = ["SVD_DTYPES", "SMoAConfig"]
+
+SVD_DTYPES = ("float32", "float64")
+
+
+def _check_int(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name}={value} must be >= {minimum}")
+
+
+@dataclass
+class SMoAConfig(PeftConfig):
+    """Configuration of an SMoA adapter (Spectrum Modulation Adapter, arXiv 2605.21147) for :class:`SMoAModel`.
+
+    Args:
+        r: total rank budget per layer (SPEC's r); every block gets rank ``r // num_blocks``. Default 8.
+        num_blocks: K, the number of spectral blocks (row/column bands of W0 paired on the diagonal). Default 2.
+        lora_alpha: scale numerator, ``s = lora_alpha / r``; ``None`` (default) means ``lora_alpha = r`` (s = 1).
+        lora_dropout: dropout probability on the adapter path. Default 0.0.
+        target_modules: module names (exact or ``"." + suffix`` match), a regex (full match), or ``"all-linear"``
+            (every ``nn.Linear``/``Conv1D`` except the output layer). ``None``: LoRA's per-architecture default.
+        exclude_modules: names or a regex of modules never to adapt.
+        fan_in_fan_out: ``True`` for layers storing ``weight`` as (fan_in, fan_out), e.g. GPT-2's ``Conv1D``
+            (set automatically, with a warning, when a ``Conv1D`` is targeted).
+        modules_to_save: extra modules trained and saved in full (e.g. a classification head).
+        init_weights: ``True``: ``A_k`` kaiming-uniform(a=√5) over |C_k|, ``B = 0`` (no-op). ``False``: ``B`` random.
+        layers_to_transform, layers_pattern: restrict the adapted layers by index, as in LoRA.
+        rank_pattern: ``{name or regex: r}`` overriding ``r`` per layer (each value divisible by ``num_blocks``).
+        alpha_pattern: ``{name or regex: lora_alpha}`` overriding ``lora_alpha`` per layer.
+        ordering: ``"spectral"`` (SPEC §1), or the ablations ``"identity"`` / ``"random"`` (seeded by ``seed``).
+        seed: seed of the ``"random"`` ordering.
+        svd_dtype: ``"float32"`` or ``"float64"``, precision of the SVD behind the spectral ordering.
+
+    The orders computed from the SVD when the adapter is attached are part of the saved adapter
+    (``adapter_model.safetensors``); loading never recomputes them.
+    """
+
+    r: int = field(default=8, metadata={"help": "Total rank budget per layer; each of num_blocks blocks gets r/K."})
+    num_blocks: int = field(default=2, metadata={"help": "K, the number of spectral blocks."})
+    lora_alpha: float | None = field(
+        default=None, metadata={"help": "Scale numerator, s = lora_alpha / r; None means lora_alpha = r (s = 1)."}
+    )
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter path."})
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Module names or a regex of the modules to adapt, or 'all-linear'. None: the per-architecture "
+            "default of LoRA."
+        },
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Module names or a regex of the modules not to adapt."}
+    )
+    fan_in_fan_out: bool = field(
+        default=False, metadata={"help": "True if the layer stores weight as (fan_in, fan_out), e.g. GPT-2 Conv1D."}
+    )
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Modules besides the SMoA layers to train and save (e.g. a classifier head)."}
+    )
+    init_weights: bool = field(
+        default=True, metadata={"help": "True: B = 0 (exact no-op at start); False: B random (debugging)."}
+    )
+    layers_to_transform: list[int] | int | None = field(
+        default=None, metadata={"help": "Indices of the layers to adapt (with target_modules as a list)."}
+    )
+    layers_pattern: list[str] | str | None = field(
+        default=None, metadata={"help": "Name of the nn.ModuleList holding the layers, e.g. 'layers' or 'h'."}
+    )
+    rank_pattern: dict | None = field(
+        default_factory=dict, metadata={"help": "{name or regex: r} overriding r per layer."}
+    )
+    alpha_pattern: dict | None = field(
+        default_factory=dict, metadata={"help": "{name or regex: lora_alpha} overriding lora_alpha per layer."}
+    )
+    ordering: Literal["spectral", "identity", "random"] = field(
+        default="spectral", metadata={"help": "Block ordering: 'spectral' (SVD scores), 'identity' or 'random'."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the 'random' ordering."})
+    svd_dtype: Literal["float32", "float64"] = field(
+        default="float32", metadata={"help": "Precision of the SVD behind the spectral ordering."}
+    )
+
+    def __post_init__(self) -> None:
+        # A config read back from adapter_config.json carries its peft_type; a fresh one does not. The former comes
+        # with saved orders, so the tuner does not run the SVD when it attaches it (see SMoALayer.update_layer).
+        self._orders_from_checkpoint = self.peft_type is not None
+        super().__post_init__()
+        self.peft_type = PeftType.SMOA
+        self.target_modules = set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
+        self.exclude_modules = (
+            set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
+        )
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
+        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
+            raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
+        if self.layers_pattern and not self.layers_to_transform:
+            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
+        _check_int("r", self.r)
+        _check_int("num_blocks", self.num_blocks)
+        for name, rank in {"r": self.r, **{f"rank_pattern[{k!r}]": v for k, v in self.rank_pattern.items()}}.items():
+            _check_int(name, rank)
+            if rank % self.num_blocks:
+                raise ValueError(
+                    f"{name}={rank} is not divisible by num_blocks={self.num_blocks}: every block gets rank "
+                    f"r/num_blocks"
+                )
+        if self.ordering not in ORDERINGS:
+            raise ValueError(f"ordering={self.ordering!r} is not one of {ORDERINGS}")
+        if self.svd_dtype not in SVD_DTYPES:
+            raise ValueError(f"svd_dtype={self.svd_dtype!r} is not one of {SVD_DTYPES}")
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(f"init_weights={self.init_weights!r} must be True or False")
+        # lora_alpha / lora_dropout are checked per layer by smoa.layer.check_smoa_arguments (one place for the rules)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+        """Load the config (PEFT's ``from_pretrained``) and, for a local adapter folder, check that its
+        ``adapter_model.safetensors`` is readable: ``PeftModel.from_pretrained``/``load_adapter`` read the config
+        before they touch the model, so a corrupted or truncated file fails here with the model unchanged."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        folder = os.path.join(str(pretrained_model_name_or_path), subfolder or "")
+        weights = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
+        if os.path.isfile(weights):
+            from safetensors import safe_open
+
+            try:
+                with safe_open(weights, framework="pt") as handle:
+                    handle.keys()
+            except Exception as error:
+                raise ValueError(
+                    f"{weights} is not a readable safetensors file ({error}); nothing was loaded — re-download or "
+                    "re-save the adapter"
+                ) from error
+        return config

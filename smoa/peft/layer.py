@@ -1,0 +1,356 @@
+"""The PEFT tuner layer of SMoA: ``SMoALayer`` (adapter state per adapter name) and ``Linear`` (nn.Linear/Conv1D).
+
+State per adapter name, in LoRA's layout so that PEFT, FSDP's auto-wrap policy and users find it where they expect:
+
+- ``smoa_A[name]``: ``nn.Linear(d_in, r_k)``, weight = Â (r_k×d_in); ``smoa_B[name]``: ``nn.Linear(r_k, d_out)``,
+  weight = B̂ (d_out×r_k) — SPEC §3's LoRA-shaped factors in original coordinates (trainable leaf modules);
+- ``smoa_row_order[name]`` / ``smoa_col_order[name]``: the spectral orders (SPEC §1), persistent int64 buffers saved
+  in ``adapter_model.safetensors`` next to the factors and never re-derived on load;
+- ``r``, ``lora_alpha``, ``scaling`` (s = lora_alpha / r), ``num_blocks``, ``smoa_dropout``.
+
+The math is not here: the forward calls :func:`smoa.backends.smoa_linear`, ΔW comes from
+:func:`smoa_kernels.reference.dense_delta_weight`. Merging is multiplicative, as in :class:`smoa.layer.SMoALinear`:
+with several adapters merged, ``W = W0 ⊙ (1 + Σ_a s_a P_a)`` (every ΔW_a is anchored on the original W0), so unmerge
+divides W0 back out and restores exactly the few entries that a division cannot recover.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+import torch.nn as nn
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.utils.integrations import gather_params_ctx
+from transformers.pytorch_utils import Conv1D
+
+from smoa.backends import smoa_linear
+from smoa.layer import check_smoa_arguments
+from smoa.partition import compute_orders, validate_order
+from smoa_kernels.reference import blocks_to_lora, dense_delta_weight
+
+from .config import SMoAConfig
+
+__all__ = ["Linear", "SMoALayer", "dispatch_default"]
+
+
+def _modulated_weight(original: torch.Tensor, modulation: torch.Tensor):
+    """``W0 ⊙ (1 + s·P)`` in W0's dtype, plus the flat indices and original values of the entries that a later
+    division cannot recover (zero, subnormal or non-finite after the merge). Same rule as ``SMoALinear.merge``."""
+    merged = (original.to(modulation.dtype) * modulation).to(original.dtype)
+    lost = (~torch.isfinite(merged) | (merged.abs() < torch.finfo(original.dtype).tiny)) & (original != 0)
+    index = lost.flatten().nonzero().squeeze(1)
+    return merged, index, original.flatten()[index].clone()
+
+
+def _demodulated_weight(merged: torch.Tensor, modulation: torch.Tensor, lost_index, lost_value) -> torch.Tensor:
+    """Inverse of :func:`_modulated_weight` (the rule of ``SMoALinear.unmerge``)."""
+    restored = torch.where(modulation == 0, torch.zeros_like(modulation), merged.to(modulation.dtype) / modulation)
+    restored = restored.to(merged.dtype).flatten()
+    if lost_index is not None:
+        restored[lost_index] = lost_value
+    return restored.view_as(merged)
+
+
+class SMoALayer(BaseTunerLayer):
+    """Adapter state and merge bookkeeping shared by SMoA tuner layers (see the module docstring)."""
+
+    adapter_layer_names: tuple[str, ...] = ("smoa_A", "smoa_B")
+    other_param_names: tuple[str, ...] = (
+        "r",
+        "lora_alpha",
+        "scaling",
+        "num_blocks",
+        "smoa_dropout",
+        "smoa_row_order",
+        "smoa_col_order",
+    )
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.num_blocks: dict[str, int] = {}
+        self.smoa_dropout = nn.ModuleDict({})
+        self.smoa_A = nn.ModuleDict({})
+        self.smoa_B = nn.ModuleDict({})
+        self.smoa_row_order = BufferDict({}, persistent=True)
+        self.smoa_col_order = BufferDict({}, persistent=True)
+        # adapters whose orders are still to come from a checkpoint (or, failing that, from the SVD at first use)
+        self._smoa_orders_pending: set[str] = set()
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        # entries of the original W0 that the current merge could not keep recoverable (flat index, value)
+        self._smoa_merge_lost: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.kwargs = kwargs
+
+        base = self.get_base_layer()
+        if isinstance(base, nn.Linear):
+            in_features, out_features = base.in_features, base.out_features
+        elif isinstance(base, Conv1D):
+            shape = base.weight.ds_shape if hasattr(base.weight, "ds_shape") else base.weight.shape
+            in_features, out_features = shape
+        else:
+            raise TypeError(f"SMoA supports torch.nn.Linear and transformers Conv1D layers, got {type(base).__name__}")
+        self.in_features, self.out_features = in_features, out_features
+
+    # ---- W0 in SPEC orientation (d_out×d_in) -------------------------------------------------------------------
+    def _base_weight(self) -> torch.Tensor:
+        weight = self.get_base_layer().weight
+        return weight.T if self.fan_in_fan_out else weight
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float | None, config: SMoAConfig, **kwargs) -> None:
+        base_weight = self._base_weight()
+        if not base_weight.is_floating_point():
+            raise NotImplementedError(
+                f"SMoA on a quantized base layer (weight dtype {base_weight.dtype}) is not supported yet: the anchor "
+                "W0 must be a dense floating-point weight"
+            )
+        check_smoa_arguments(
+            self.in_features, self.out_features, r, config.num_blocks, lora_alpha, config.lora_dropout, config.ordering
+        )
+        num_blocks = config.num_blocks
+        alpha = float(r if lora_alpha is None else lora_alpha)
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = alpha
+        self.scaling[adapter_name] = alpha / r
+        self.num_blocks[adapter_name] = num_blocks
+        self.smoa_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+
+        device = base_weight.device
+        if getattr(config, "_orders_from_checkpoint", False):
+            # the orders will be loaded with the factors: no SVD now (identity placeholders until then)
+            row_order = torch.arange(self.out_features, device=device)
+            col_order = torch.arange(self.in_features, device=device)
+            self._smoa_orders_pending.add(adapter_name)
+        else:
+            svd_dtype = torch.float64 if config.svd_dtype == "float64" else torch.float32
+            # under DeepSpeed ZeRO-3 the weight is partitioned: the SVD must see the full (gathered) W0
+            with gather_params_ctx(self.get_base_layer().weight):
+                row_order, col_order = compute_orders(
+                    self._base_weight(), config.ordering, seed=config.seed, svd_dtype=svd_dtype
+                )
+            self._smoa_orders_pending.discard(adapter_name)
+        self.smoa_row_order[adapter_name] = row_order
+        self.smoa_col_order[adapter_name] = col_order
+
+        rank = r // num_blocks
+        factor_dtype = base_weight.dtype  # PEFT then upcasts half-precision adapters (autocast_adapter_dtype=True)
+        self.smoa_A[adapter_name] = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=factor_dtype)
+        self.smoa_B[adapter_name] = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=factor_dtype)
+        self.reset_smoa_parameters(adapter_name, config.init_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    @torch.no_grad()
+    def reset_smoa_parameters(self, adapter_name: str, init_weights: bool = True) -> None:
+        """SPEC §2 init: every ``A_k`` kaiming-uniform(a=√5) over its own fan-in |C_k|, ``B_k = 0`` (``init_weights``)
+        or kaiming-uniform too (``init_weights=False``). Drawn in fp32 per block, then scattered (SPEC §3)."""
+        A, B = self.smoa_A[adapter_name].weight, self.smoa_B[adapter_name].weight
+        rows, cols = self.smoa_row_order[adapter_name], self.smoa_col_order[adapter_name]
+        rank = A.shape[0]
+        blocks = []
+        for R_k, C_k in zip(
+            torch.tensor_split(rows, self.num_blocks[adapter_name]),
+            torch.tensor_split(cols, self.num_blocks[adapter_name]),
+        ):
+            A_k = torch.empty(rank, C_k.numel(), device=A.device)
+            B_k = torch.zeros(R_k.numel(), rank, device=A.device)
+            nn.init.kaiming_uniform_(A_k, a=math.sqrt(5))
+            if not init_weights:
+                nn.init.kaiming_uniform_(B_k, a=math.sqrt(5))
+            blocks.append((A_k, B_k))
+        lora_A, lora_B = blocks_to_lora(blocks, rows, cols)
+        A.copy_(lora_A)
+        B.copy_(lora_B)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            warnings.warn(
+                f"Adapter {adapter_name!r} is merged: unmerging every adapter of this layer before deleting",
+                stacklevel=2,
+            )
+            self.unmerge()
+        super().delete_adapter(adapter_name)
+        self._smoa_orders_pending.discard(adapter_name)
+
+    # ---- orders -------------------------------------------------------------------------------------------------
+    def _orders(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if adapter_name in self._smoa_orders_pending:
+            # A config read from a checkpoint but no orders loaded (e.g. SMoAConfig(**saved_config) used for a new
+            # adapter): fall back to the SVD of the (unmerged) W0, which the adapter was then initialised on.
+            if self.merged:
+                raise RuntimeError(f"SMoA adapter {adapter_name!r} has no orders yet; unmerge before using it")
+            warnings.warn(
+                f"SMoA adapter {adapter_name!r}: no saved orders were loaded; computing them from W0 now (spectral "
+                "ordering, float32 SVD)",
+                stacklevel=2,
+            )
+            row_order, col_order = compute_orders(self._base_weight())
+            self.smoa_row_order[adapter_name].copy_(row_order)
+            self.smoa_col_order[adapter_name].copy_(col_order)
+            self._smoa_orders_pending.discard(adapter_name)
+        return self.smoa_row_order[adapter_name], self.smoa_col_order[adapter_name]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        for adapter_name in list(self.smoa_A.keys()):
+            for attr, size in (("smoa_row_order", self.out_features), ("smoa_col_order", self.in_features)):
+                key = f"{prefix}{attr}.{adapter_name}"
+                if key in state_dict:
+                    validate_order(key, state_dict[key], size)
+            if all(f"{prefix}{attr}.{adapter_name}" in state_dict for attr in ("smoa_row_order", "smoa_col_order")):
+                self._smoa_orders_pending.discard(adapter_name)
+        nn.Module._load_from_state_dict(
+            self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+        )
+
+    # ---- ΔW and merge -------------------------------------------------------------------------------------------
+    def _modulation(self, adapter_names: list[str]) -> torch.Tensor:
+        """``1 + Σ_a s_a·P_a`` (d_out×d_in) in at least fp32, ``P_a = (B̂Â) ⊙ blockmask`` (SPEC §5)."""
+        W0 = self._base_weight()
+        dtype = torch.promote_types(self.smoa_A[adapter_names[0]].weight.dtype, torch.float32)
+        ones = torch.ones(W0.shape, dtype=dtype, device=W0.device)
+        modulation = ones.clone()
+        for name in adapter_names:
+            rows, cols = self._orders(name)
+            A = self.smoa_A[name].weight.to(dtype)
+            B = self.smoa_B[name].weight.to(dtype)
+            modulation += self.scaling[name] * dense_delta_weight(ones, A, B, rows, cols, self.num_blocks[name])
+        return modulation
+
+    @torch.no_grad()
+    def _original_weight(self) -> torch.Tensor:
+        """W0 as it was before any merge (d_out×d_in, W0's dtype)."""
+        if not self.merged:
+            return self._base_weight().detach()
+        lost = self._smoa_merge_lost or (None, None)
+        return _demodulated_weight(self._base_weight().detach(), self._modulation(self.merged_adapters), *lost)
+
+    @torch.no_grad()
+    def _write_base_weight(self, weight: torch.Tensor) -> None:
+        self.get_base_layer().weight.data.copy_(weight.T if self.fan_in_fan_out else weight)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """``s·ΔW`` of ``adapter`` in the base layer's weight layout (transposed for ``fan_in_fan_out``), anchored on
+        the original W0 (also while merged), in the factors' dtype (computed in fp32 for half-precision factors)."""
+        A, B = self.smoa_A[adapter].weight, self.smoa_B[adapter].weight
+        dtype = torch.promote_types(A.dtype, torch.float32)
+        rows, cols = self._orders(adapter)
+        delta = dense_delta_weight(
+            self._original_weight().to(dtype), A.to(dtype), B.to(dtype), rows, cols, self.num_blocks[adapter]
+        )
+        delta = (delta * self.scaling[adapter]).to(A.dtype)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Merge ``adapter_names`` (default: the active adapters) into the base weight: ``W = W0 ⊙ (1 + Σ s·P)``.
+
+        ``safe_merge=True`` checks the merged weight for NaN/Inf before writing it (the layer is left unchanged then).
+        """
+        adapter_names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.smoa_A]
+        if not adapter_names:
+            return
+        with torch.no_grad():
+            original = self._original_weight()
+            all_names = self.merged_adapters + adapter_names
+            merged, lost_index, lost_value = _modulated_weight(original, self._modulation(all_names))
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(
+                    f"NaNs detected in the merged weights. The adapter {', '.join(adapter_names)} seems to be broken"
+                )
+            self._write_base_weight(merged)
+        self._smoa_merge_lost = (lost_index, lost_value)
+        self.merged_adapters.extend(adapter_names)
+
+    def unmerge(self) -> None:
+        """Restore W0 (to rounding; exactly where a division could not) and mark every adapter unmerged."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        self._write_base_weight(self._original_weight())
+        self._smoa_merge_lost = None
+        self.merged_adapters.clear()
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        # SMoA is additive, W = W0 + s·ΔW, and get_delta_weight returns s·ΔW anchored on the original W0; ΔW is
+        # (nearly) full rank, so the LoRA export is exact only at rank min(d_in, d_out): see lora_export_error.
+        return True
+
+
+class Linear(nn.Module, SMoALayer):
+    """SMoA on a ``torch.nn.Linear`` (or a ``transformers`` ``Conv1D`` with ``fan_in_fan_out=True``)."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: SMoAConfig,
+        r: int = 8,
+        lora_alpha: float | None = None,
+        fan_in_fan_out: bool = False,
+        is_target_conv_1d_layer: bool = False,
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        SMoALayer.__init__(self, base_layer, **kwargs)
+        self.fan_in_fan_out = fan_in_fan_out
+        self.is_target_conv_1d_layer = is_target_conv_1d_layer
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha, config=config)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        active = [name for name in self.active_adapters if name in self.smoa_A]
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+        weight = self._base_weight()
+        result = None
+        for name in active:
+            rows, cols = self._orders(name)
+            x_adapter = self.smoa_dropout[name](x)
+            if result is None:  # y = x W0ᵀ + b + s·x_a ΔWᵀ in one call
+                result = smoa_linear(
+                    x, x_adapter, weight, self.get_base_layer().bias, self.smoa_A[name].weight,
+                    self.smoa_B[name].weight, rows, cols, self.num_blocks[name], self.scaling[name],
+                )  # fmt: skip
+            else:  # a further active adapter adds its s·x_a ΔWᵀ only (the base term is zero with x = 0)
+                result = result + smoa_linear(
+                    torch.zeros_like(x), x_adapter, weight, None, self.smoa_A[name].weight,
+                    self.smoa_B[name].weight, rows, cols, self.num_blocks[name], self.scaling[name],
+                ).to(result.dtype)  # fmt: skip
+        return result
+
+    # nn.Module comes first in the MRO: point its state-dict hook at SMoALayer's (which clears pending orders)
+    _load_from_state_dict = SMoALayer._load_from_state_dict
+
+    def __repr__(self) -> str:
+        return "smoa." + super().__repr__()
+
+
+def dispatch_default(target: nn.Module, adapter_name: str, config: SMoAConfig, **kwargs) -> nn.Module | None:
+    """``Linear`` for an ``nn.Linear`` or ``Conv1D`` target (fixing ``fan_in_fan_out`` with a warning), else None."""
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if isinstance(base, nn.Linear):
+        if kwargs.get("fan_in_fan_out"):
+            warnings.warn(
+                "fan_in_fan_out=True but the target module is torch.nn.Linear; using fan_in_fan_out=False", stacklevel=2
+            )
+        kwargs["fan_in_fan_out"] = False
+        return Linear(target, adapter_name, config=config, **kwargs)
+    if isinstance(base, Conv1D):
+        if not kwargs.get("fan_in_fan_out"):
+            warnings.warn(
+                "fan_in_fan_out=False but the target module is Conv1D; using fan_in_fan_out=True", stacklevel=2
+            )
+        kwargs["fan_in_fan_out"] = True
+        return Linear(target, adapter_name, config=config, is_target_conv_1d_layer=True, **kwargs)
+    return None
