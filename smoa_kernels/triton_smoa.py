@@ -84,7 +84,8 @@ _MIN_DOT = 16  # tl.dot needs every block dimension >= 16 on the GPU
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Kernels
+# Kernels. They call core builtins only (no @triton.jit helpers such as tl.cdiv or tl.zeros): those are decorated
+# when triton is imported, so under an interpreter switched on later they would refuse to run.
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -134,8 +135,8 @@ def _smoa_gemm_kernel(
     MERGED=True adds ``s·ΔW`` to the W0 tile before a single dot (opt-in fast path, requires XA_IS_X).
     """
     pid = tl.program_id(0)
-    num_pid_o = tl.cdiv(d_out, BLOCK_O)
-    num_pid_n = tl.cdiv(n_rows, BLOCK_N)
+    num_pid_o = (d_out + BLOCK_O - 1) // BLOCK_O
+    num_pid_n = (n_rows + BLOCK_N - 1) // BLOCK_N
     # Grouped ordering (Triton tutorial 03): consecutive programs share weight tiles in L2.
     num_pid_in_group = GROUP_O * num_pid_n
     group_id = pid // num_pid_in_group
@@ -158,7 +159,7 @@ def _smoa_gemm_kernel(
     ).to(dot_dtype)
     ids_o = tl.load(IDS_OUT + offs_o, mask=mask_o, other=-1)
 
-    acc = tl.zeros((BLOCK_O, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_O, BLOCK_N), 0.0, tl.float32)
     for r_start in range(0, d_red, BLOCK_R):
         offs_r = (r_start + tl.arange(0, BLOCK_R)).to(tl.int64)
         mask_r = offs_r < d_red
@@ -263,7 +264,7 @@ def _smoa_factor_grad_kernel(
     col_start = k * cols_base + tl.minimum(k, cols_extra)
     col_size = cols_base + (k < cols_extra).to(tl.int32)
     # The grid covers the largest band; programs past a smaller band are fully masked.
-    tiles_c_max = tl.cdiv(cols_base + (cols_extra > 0).to(tl.int32), BLOCK_C)
+    tiles_c_max = (cols_base + (cols_extra > 0).to(tl.int32) + BLOCK_C - 1) // BLOCK_C
     pid_o = pid // tiles_c_max
     pid_c = pid % tiles_c_max
 
@@ -274,7 +275,7 @@ def _smoa_factor_grad_kernel(
     perm_o = (row_start + local_o).to(tl.int64)
     perm_c = (col_start + local_c).to(tl.int64)
 
-    acc = tl.zeros((BLOCK_O, BLOCK_C), dtype=tl.float32)
+    acc = tl.full((BLOCK_O, BLOCK_C), 0.0, tl.float32)
     for n_start in range(0, n_rows, BLOCK_N):
         offs_n = (n_start + tl.arange(0, BLOCK_N)).to(tl.int64)
         mask_n = offs_n < n_rows
@@ -324,23 +325,47 @@ def _smoa_factor_grad_kernel(
 
 # Every config shipped for each kernel. The FIRST entry is the single config used under TRITON_INTERPRET=1 and with
 # torch.use_deterministic_algorithms(True); tools/aot_compile_check.py compiles all of them for sm_80/sm_90 and fails
-# on any spill, so a config that spills is removed here rather than shipped.
+# on any spill, so a config that spills is removed here (or limited to the dtypes where it does not) rather than
+# shipped. "dtypes" (optional) restricts a config to those activation dtypes.
 KERNEL_CONFIGS: dict[str, list[dict]] = {
     "gemm": [
         {"BLOCK_O": 64, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 4, "num_stages": 3},
         {"BLOCK_O": 128, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 8, "num_stages": 3},
         {"BLOCK_O": 64, "BLOCK_N": 128, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 8, "num_stages": 3},
-        {"BLOCK_O": 128, "BLOCK_N": 128, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 8, "num_stages": 3},
+        # fp32 spills 24 bytes on sm_80 at this size
+        {
+            "BLOCK_O": 128,
+            "BLOCK_N": 128,
+            "BLOCK_R": 32,
+            "GROUP_O": 8,
+            "num_warps": 8,
+            "num_stages": 3,
+            "dtypes": ("fp16", "bf16"),
+        },
     ],
     "factor_grad": [
-        {"BLOCK_O": 64, "BLOCK_C": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3},
+        # 4 warps spill on sm_80 (the fp32 epilogue contractions); 128×128 tiles spill ~1 KB
+        {"BLOCK_O": 64, "BLOCK_C": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3},
         {"BLOCK_O": 128, "BLOCK_C": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3},
         {"BLOCK_O": 64, "BLOCK_C": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3},
     ],
 }
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "dtypes")
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _RAW_KERNELS = {"gemm": _smoa_gemm_kernel, "factor_grad": _smoa_factor_grad_kernel}
 _AUTOTUNE_KEYS = {"gemm": ["d_out", "d_red", "n_bucket", "rank"], "factor_grad": ["d_out", "d_in", "n_bucket", "rank"]}
 _RESET_TO_ZERO = {"gemm": None, "factor_grad": ["DA_PART", "DB_PART"]}
+_ACTIVATION_ARG = {"gemm": "X", "factor_grad": "DY_PERM"}
+
+
+def config_dtypes(entry: dict) -> tuple[str, ...]:
+    """Activation dtypes a ``KERNEL_CONFIGS`` entry is shipped for."""
+    return entry.get("dtypes", ("fp32", "fp16", "bf16"))
+
+
+def config_meta(entry: dict) -> dict:
+    """The constexpr block sizes of a ``KERNEL_CONFIGS`` entry (without launch options)."""
+    return {k: v for k, v in entry.items() if k not in _LAUNCH_OPTIONS}
 
 
 def _interpreting() -> bool:
@@ -365,18 +390,28 @@ def jit_kernel(name: str, interpret: bool):
 def _autotuned_kernel(name: str):
     configs = []
     for entry in KERNEL_CONFIGS[name]:
-        meta = {k: v for k, v in entry.items() if k not in ("num_warps", "num_stages")}
-        configs.append(triton.Config(meta, num_warps=entry["num_warps"], num_stages=entry["num_stages"]))
-    return triton.autotune(configs=configs, key=_AUTOTUNE_KEYS[name], reset_to_zero=_RESET_TO_ZERO[name])(
-        jit_kernel(name, False)
-    )
+        config = triton.Config(config_meta(entry), num_warps=entry["num_warps"], num_stages=entry["num_stages"])
+        config.smoa_dtypes = config_dtypes(entry)
+        configs.append(config)
+
+    def prune(configs, named_args, **kwargs):
+        dtype = _DTYPE_NAMES[named_args[_ACTIVATION_ARG[name]].dtype]
+        return [config for config in configs if dtype in config.smoa_dtypes]
+
+    return triton.autotune(
+        configs=configs,
+        key=_AUTOTUNE_KEYS[name],
+        reset_to_zero=_RESET_TO_ZERO[name],
+        prune_configs_by={"early_config_prune": prune},
+    )(jit_kernel(name, False))
 
 
 def _launch(name: str, grid, *args, **constexprs) -> None:
     """Launch ``name``: one config (interpreter, deterministic mode) or the autotuned list."""
     if _interpreting() or torch.are_deterministic_algorithms_enabled():
-        config = KERNEL_CONFIGS[name][0]
-        jit_kernel(name, _interpreting())[grid](*args, **constexprs, **config)
+        entry = KERNEL_CONFIGS[name][0]
+        options = {"num_warps": entry["num_warps"], "num_stages": entry["num_stages"]}
+        jit_kernel(name, _interpreting())[grid](*args, **constexprs, **config_meta(entry), **options)
     else:
         _autotuned_kernel(name)[grid](*args, **constexprs)
 
@@ -740,9 +775,8 @@ def _validate(x, x_adapter, weight, bias, lora_A, lora_B, row_order, col_order, 
         raise TypeError(f"num_blocks must be an int, got {num_blocks!r}")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a python float, got {scale!r}")
-    available, reason = is_available()
-    if not available:
-        raise RuntimeError(f"the triton SMoA kernels are not available: {reason}")
+    if triton is None:
+        raise RuntimeError(f"the triton SMoA kernels are not available: {_TRITON_IMPORT_ERROR}")
     for name, tensor in named.items():
         if tensor.device != x.device:
             raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}: all tensors must share one device")

@@ -1,0 +1,343 @@
+"""The fused Triton kernels (``triton`` backend) against the dense reference: forward, dX, dA, dB, db and bad input.
+
+On a CPU-only machine the kernels run under the Triton interpreter: a module-scoped fixture sets ``TRITON_INTERPRET=1``
+for this module only (the kernels read the mode at launch, so nothing leaks into other modules). On a GPU the same
+tests run natively, with bf16 and larger shapes added.
+
+Every result is compared with the reference evaluated in float64 on the very same (already rounded) inputs, so the
+tolerance measures the kernel's own error: ``max|actual - expected| <= tol * max|expected|`` per tensor, with ``tol``
+from the one table below. bf16 runs on the GPU only: the interpreter stores bf16 as uint16, so ``tl.dot`` on bf16 tiles
+multiplies raw bits (KERNELS.md §5); fp16 exercises the same 16-bit code path on the CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="triton is not installed: the fused SMoA kernels cannot run")
+
+from smoa_kernels import triton_smoa  # noqa: E402
+from smoa_kernels.reference import smoa_linear_reference  # noqa: E402
+from smoa_kernels.triton_smoa import KERNEL_CONFIGS, is_available, smoa_linear_triton  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+
+# Relative error bound (max abs error / max abs value) against the fp64 reference, keyed by (activation, factor)
+# dtype. fp32: reassociation only (the GPU path runs with TF32 off, torch's default). 16-bit: rounding of the
+# output, of the generated ΔW tile and (for fp32 factors) of the factor tiles to the activation dtype.
+TOLERANCES: dict[tuple[torch.dtype, torch.dtype], float] = {
+    (torch.float32, torch.float32): 2e-5,
+    (torch.float16, torch.float16): 2e-3,
+    (torch.float16, torch.float32): 2e-3,
+    (torch.bfloat16, torch.bfloat16): 1.6e-2,
+    (torch.bfloat16, torch.float32): 1.6e-2,
+}
+DTYPES = [(torch.float32, torch.float32), (torch.float16, torch.float16), (torch.float16, torch.float32)]
+if ON_GPU:
+    DTYPES += [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)]
+
+# The single config the interpreter uses: the edges below are stated in its tile sizes.
+TILE_N = KERNEL_CONFIGS["gemm"][0]["BLOCK_N"]  # 64: token tile of the forward / dX kernel
+TILE_O = KERNEL_CONFIGS["gemm"][0]["BLOCK_O"]  # 64: output-feature tile
+TILE_BAND = KERNEL_CONFIGS["factor_grad"][0]["BLOCK_O"]  # 64: tile of a diagonal block's band in the factor gradient
+
+# (lead dims of x, d_out, d_in, K, r_k, dropout, bias, layout)
+CASES = [
+    ((1,), 48, 48, 2, 4, False, True, "contiguous"),  # N = 1: the token tile is one row and 63 rows of padding
+    ((TILE_N - 1,), 64, 64, 2, 4, False, True, "contiguous"),  # N = tile − 1, d = one full output tile
+    ((TILE_N + 1,), 40, 40, 2, 4, True, True, "contiguous"),  # N = tile + 1: a second, one-row token tile; dropout
+    ((9,), 96, 40, 2, 16, False, True, "contiguous"),  # d_out > d_in (tall), r_k = 16: no rank padding
+    ((9,), 40, 96, 2, 1, False, False, "contiguous"),  # d_out < d_in (wide), r_k = 1 padded to 16, no bias
+    ((7,), 67, 53, 3, 4, False, True, "contiguous"),  # neither dim divisible by K = 3: bands of unequal size
+    ((5,), 70, TILE_O + 1, 4, 4, True, False, "contiguous"),  # K = 4, d_in = tile + 1, dropout without bias
+    ((6,), 100, 100, 1, 16, False, True, "hira"),  # K = 1 (HiRA) with identity orders; band of 100 spans 2 tiles
+    ((5,), 2 * TILE_BAND + 1, 70, 2, 4, False, True, "contiguous"),  # bands of 65 and 64 rows: masked programs
+    ((3,), 33, 29, 3, 17, False, True, "contiguous"),  # r_k = 17 > 16: rank padded to 32
+    ((2, 5), 24, 36, 3, 4, True, True, "contiguous"),  # 3-D input (batch, seq, d_in) with dropout
+    ((11,), 36, 24, 2, 4, False, True, "transposed"),  # non-contiguous x: a transposed view, strides (1, N)
+    ((11,), 36, 24, 2, 4, True, True, "strided"),  # non-contiguous x: a column slice of a wider tensor
+    ((0,), 16, 16, 2, 4, False, True, "contiguous"),  # no tokens: empty output, zero factor gradients
+]
+if ON_GPU:
+    CASES += [
+        ((4096,), 512, 384, 4, 16, False, True, "contiguous"),  # large N, many tiles per band
+        ((8, 300), 1024, 1024, 2, 16, True, True, "contiguous"),  # 3-D, large square, dropout
+        ((1000,), 320, 1000, 3, 8, False, False, "contiguous"),  # wide, odd sizes, K = 3
+    ]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter_on_cpu():
+    """Run the kernels with the Triton interpreter when there is no GPU; restore the environment afterwards."""
+    if ON_GPU:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "1")
+        yield
+
+
+def _make_inputs(lead, d_out, d_in, K, r_k, dropout, bias, layout, dtype, factor_dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    n_total = 1
+    for size in lead:
+        n_total *= size
+    x = torch.randn(*lead, d_in, generator=gen)
+    weight = torch.randn(d_out, d_in, generator=gen) / d_in**0.5
+    problem = {
+        "x": x,
+        "weight": weight,
+        "bias": torch.randn(d_out, generator=gen) if bias else None,
+        "lora_A": torch.randn(r_k, d_in, generator=gen) / d_in**0.25,
+        "lora_B": torch.randn(d_out, r_k, generator=gen) / r_k**0.5,  # non-zero B: the adapter term is exercised
+        # dropout p = 0.5: the kept value 2·x is exact in every dtype, so kernel and reference see the same x_a
+        "dropout_mask": (torch.rand(x.shape, generator=gen) > 0.5).double() * 2.0 if dropout else None,
+        "layout": layout,
+        "grad_out": torch.randn(*lead, d_out, generator=gen),
+    }
+    if layout == "hira":
+        problem["row_order"], problem["col_order"] = torch.arange(d_out), torch.arange(d_in)
+    else:
+        problem["row_order"], problem["col_order"] = (
+            torch.randperm(d_out, generator=gen),
+            torch.randperm(d_in, generator=gen),
+        )
+    cast = {
+        "x": dtype,
+        "weight": dtype,
+        "bias": dtype,
+        "lora_A": factor_dtype,
+        "lora_B": factor_dtype,
+        "grad_out": dtype,
+    }
+    for name, target in cast.items():
+        if problem[name] is not None:
+            problem[name] = problem[name].to(target)
+    problem["num_blocks"], problem["scale"] = K, 0.5
+    return problem
+
+
+def _run(fn, problem, dtype=None, device=DEVICE, **kwargs):
+    """Forward + backward of ``fn`` with inputs cast to ``dtype`` (None: keep); returns y and the leaves' grads."""
+    leaves = {}
+    for name in ("x", "bias", "lora_A", "lora_B"):
+        value = problem[name]
+        if value is None:
+            continue
+        leaves[name] = value.to(device=device, dtype=dtype or value.dtype).detach().requires_grad_(True)
+    weight = problem["weight"].to(device=device, dtype=dtype or problem["weight"].dtype)
+    x = leaves["x"]
+    if problem["layout"] == "transposed":  # same values, strides (1, N)
+        x = x.t().contiguous().t()
+    elif problem["layout"] == "strided":  # a column slice of a wider tensor: row stride 2·d_in
+        x = torch.cat([x, torch.zeros_like(x)], dim=-1)[..., : x.shape[-1]]
+    mask = problem["dropout_mask"]
+    x_adapter = x if mask is None else x * mask.to(device=device, dtype=x.dtype)
+    y = fn(
+        x, x_adapter, weight, leaves.get("bias"), leaves["lora_A"], leaves["lora_B"],
+        problem["row_order"].to(device), problem["col_order"].to(device), problem["num_blocks"], problem["scale"],
+        **kwargs,
+    )  # fmt: skip
+    grad_out = problem["grad_out"].to(device=device, dtype=dtype or problem["grad_out"].dtype)
+    y.backward(grad_out)
+    return {"y": y.detach(), **{name: leaf.grad for name, leaf in leaves.items()}}
+
+
+def _assert_matches(actual: dict, expected: dict, tol: float) -> None:
+    assert set(actual) == set(expected)
+    for name, want in expected.items():
+        got = actual[name]
+        assert got is not None, f"no gradient for {name}"
+        assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+        if want.numel() == 0:
+            continue
+        error = (got.double().cpu() - want.cpu()).abs().max().item()
+        magnitude = want.abs().max().item()
+        assert error <= tol * max(magnitude, 1e-6), f"{name}: max error {error:.3e} > {tol:.1e} × {magnitude:.3e}"
+
+
+def test_is_available_under_the_interpreter():
+    assert is_available() == (True, "")
+
+
+@pytest.mark.parametrize("dtype, factor_dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("lead, d_out, d_in, K, r_k, dropout, bias, layout", CASES)
+def test_forward_and_grads_match_reference(lead, d_out, d_in, K, r_k, dropout, bias, layout, dtype, factor_dtype):
+    problem = _make_inputs(lead, d_out, d_in, K, r_k, dropout, bias, layout, dtype, factor_dtype)
+    expected = _run(smoa_linear_reference, problem, dtype=torch.float64, device="cpu")
+    actual = _run(smoa_linear_triton, problem)
+    assert actual["y"].dtype == dtype and actual["x"].dtype == dtype and actual["lora_A"].dtype == factor_dtype
+    _assert_matches(actual, expected, TOLERANCES[(dtype, factor_dtype)])
+
+
+@pytest.mark.parametrize("dtype, factor_dtype", DTYPES[:2], ids=lambda d: str(d).replace("torch.", ""))
+def test_adapter_term_alone_matches_reference(dtype, factor_dtype):
+    # The adapter term y - (x W0ᵀ + b) is small next to the base term after training; check it on its own scale.
+    problem = _make_inputs((TILE_N + 1,), 50, 45, 3, 4, False, True, "contiguous", dtype, factor_dtype)
+    problem["lora_B"] = problem["lora_B"] * 1e-3  # a small update, as after a few steps from B = 0
+    x, weight, bias = problem["x"], problem["weight"], problem["bias"]
+    base = torch.nn.functional.linear(x.double(), weight.double(), bias.double())
+    expected = _run(smoa_linear_reference, problem, dtype=torch.float64, device="cpu")["y"] - base
+    actual = _run(smoa_linear_triton, problem)["y"].double().cpu() - base
+    error, magnitude = (actual - expected).abs().max().item(), expected.abs().max().item()
+    # the output is rounded to the activation dtype at the base term's magnitude
+    bound = TOLERANCES[(dtype, factor_dtype)] * max(magnitude, base.abs().max().item())
+    assert error <= bound, f"adapter term error {error:.3e} > {bound:.3e}"
+
+
+def test_merged_weight_fast_path_matches_reference():
+    # Opt-in single-dot path (W0 + s·ΔW formed in registers); exact up to rounding in fp32.
+    problem = _make_inputs((TILE_N + 1,), 70, 53, 3, 4, False, True, "contiguous", torch.float32, torch.float32)
+    expected = _run(smoa_linear_reference, problem, dtype=torch.float64, device="cpu")
+    actual = _run(smoa_linear_triton, problem, merged_weight=True)
+    _assert_matches(actual, expected, TOLERANCES[(torch.float32, torch.float32)])
+
+
+def test_factor_gradients_are_deterministic():
+    problem = _make_inputs((TILE_N + 3,), 70, 66, 2, 4, True, True, "contiguous", torch.float32, torch.float32)
+    first, second = _run(smoa_linear_triton, problem), _run(smoa_linear_triton, problem)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def test_only_requested_gradients_are_computed():
+    problem = _make_inputs((5,), 20, 18, 2, 4, False, True, "contiguous", torch.float32, torch.float32)
+    x = problem["x"].to(DEVICE)  # no grad for x
+    lora_A = problem["lora_A"].to(DEVICE).requires_grad_(True)
+    lora_B = problem["lora_B"].to(DEVICE)  # frozen B
+    y = smoa_linear_triton(x, x, problem["weight"].to(DEVICE), None, lora_A, lora_B, problem["row_order"].to(DEVICE),
+                           problem["col_order"].to(DEVICE), 2, 0.5)  # fmt: skip
+    y.sum().backward()
+    assert lora_A.grad is not None and lora_A.grad.shape == lora_A.shape
+    assert lora_B.grad is None
+
+
+def test_custom_ops_are_registered_with_fake_impls():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    assert hasattr(torch.ops.smoa_kernels, "triton_forward") and hasattr(torch.ops.smoa_kernels, "triton_backward")
+    with FakeTensorMode():
+        x, weight = torch.empty(7, 12), torch.empty(10, 12)
+        lora_A, lora_B = torch.empty(4, 12), torch.empty(10, 4)
+        blk_row, blk_col = torch.empty(10, dtype=torch.int32), torch.empty(12, dtype=torch.int32)
+        y = torch.ops.smoa_kernels.triton_forward(x, None, weight, None, lora_A, lora_B, blk_row, blk_col, 0.5, False)
+        assert y.shape == (7, 10)
+        orders = torch.empty(10, dtype=torch.int64), torch.empty(12, dtype=torch.int64)
+        grads = torch.ops.smoa_kernels.triton_backward(
+            y,
+            x,
+            True,
+            weight,
+            lora_A,
+            lora_B,
+            *orders,
+            blk_row,
+            blk_col,
+            2,
+            0.5,
+            False,
+            [True, False, True, True, True],
+        )
+        assert [tuple(g.shape) for g in grads] == [(7, 12), (0,), (10,), (4, 12), (10, 4)]
+
+
+@pytest.mark.skipif(not ON_GPU, reason="torch.compile of the triton path needs real device pointers (KERNELS.md §5)")
+def test_torch_compile_traces_through():
+    problem = _make_inputs((33,), 64, 48, 2, 4, False, True, "contiguous", torch.float16, torch.float32)
+    expected = _run(smoa_linear_triton, problem)
+    actual = _run(torch.compile(smoa_linear_triton, fullgraph=True), problem)
+    _assert_matches(actual, {k: v.double() for k, v in expected.items()}, 1e-3)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="autocast of CUDA tensors needs a GPU")
+def test_autocast_runs_in_the_autocast_dtype():
+    problem = _make_inputs((17,), 64, 48, 2, 4, False, True, "contiguous", torch.float32, torch.float32)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        actual = _run(smoa_linear_triton, problem)
+    assert actual["y"].dtype == torch.bfloat16 and actual["lora_A"].dtype == torch.float32
+    expected = _run(smoa_linear_reference, problem, dtype=torch.float64, device="cpu")
+    _assert_matches({k: v for k, v in actual.items() if k != "x"}, {k: v for k, v in expected.items() if k != "x"},
+                    TOLERANCES[(torch.bfloat16, torch.float32)])  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input: a clear error before any launch
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _good_args():
+    problem = _make_inputs((4,), 12, 10, 2, 4, False, True, "contiguous", torch.float32, torch.float32)
+    args = {name: problem[name] for name in ("x", "weight", "bias", "lora_A", "lora_B", "row_order", "col_order")}
+    args = {name: value.to(DEVICE) for name, value in args.items()}
+    args["x_adapter"] = args["x"]
+    args["num_blocks"], args["scale"] = 2, 0.5
+    return args
+
+
+def _call(args):
+    order = ("x", "x_adapter", "weight", "bias", "lora_A", "lora_B", "row_order", "col_order", "num_blocks", "scale")
+    return smoa_linear_triton(*(args[name] for name in order))
+
+
+def test_good_args_run():
+    assert _call(_good_args()).shape == (4, 12)
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (lambda a: a.update(x=a["x"].half(), x_adapter=a["x"].half()), TypeError, "x.dtype=torch.float16"),
+        (lambda a: a.update(x_adapter=a["x"].double()), TypeError, "x_adapter.dtype"),
+        (
+            lambda a: a.update(weight=a["weight"].double(), x=a["x"].double(), x_adapter=a["x"].double()),
+            TypeError,
+            "weight.dtype=torch.float64",
+        ),
+        (lambda a: a.update(lora_A=a["lora_A"].half()), TypeError, "lora_A.dtype=torch.float16"),
+        (lambda a: a.update(lora_A=a["lora_A"].half(), lora_B=a["lora_B"].half()), TypeError, "factor dtype"),
+        (lambda a: a.update(x=a["x"][:, :9], x_adapter=a["x"][:, :9]), ValueError, r"x.shape=\(4, 9\)"),
+        (lambda a: a.update(x_adapter=a["x"][:3]), ValueError, "x_adapter.shape"),
+        (lambda a: a.update(lora_A=a["lora_A"][:, :9]), ValueError, r"lora_A.shape=\(4, 9\)"),
+        (lambda a: a.update(lora_B=a["lora_B"][:, :3]), ValueError, r"lora_B.shape=\(12, 3\)"),
+        (lambda a: a.update(bias=a["bias"][:5]), ValueError, "bias must have shape"),
+        (lambda a: a.update(row_order=a["row_order"][:5]), ValueError, "row_order must be"),
+        (lambda a: a.update(col_order=a["col_order"].int()), ValueError, "col_order must be"),
+        (lambda a: a.update(col_order=torch.zeros_like(a["col_order"])), ValueError, "not a permutation"),
+        (lambda a: a.update(num_blocks=11), ValueError, "num_blocks=11"),
+        (lambda a: a.update(num_blocks=0), ValueError, "num_blocks=0"),
+        (lambda a: a.update(num_blocks=2.0), TypeError, "num_blocks must be an int"),
+        (lambda a: a.update(scale="1"), TypeError, "scale must be"),
+        (lambda a: a.update(weight=a["weight"].to("meta")), ValueError, "weight is on meta"),
+        (lambda a: a.update(lora_B=a["lora_B"].to("meta")), ValueError, "lora_B is on meta"),
+        (lambda a: a.update(weight=a["weight"].clone().requires_grad_(True)), ValueError, "weight.requires_grad"),
+        (lambda a: a.update(x=None), TypeError, "x must be a torch.Tensor"),
+    ],
+)
+def test_bad_input_raises_before_launch(change, error, match):
+    args = _good_args()
+    change(args)
+    with pytest.raises(error, match=match):
+        _call(args)
+
+
+def test_merged_weight_with_dropout_is_refused():
+    args = _good_args()
+    args["x_adapter"] = args["x"] * 2
+    with pytest.raises(ValueError, match="merged_weight=True requires"):
+        smoa_linear_triton(*(args[k] for k in ("x", "x_adapter", "weight", "bias", "lora_A", "lora_B", "row_order",
+                                               "col_order", "num_blocks", "scale")), merged_weight=True)  # fmt: skip
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the CPU error message; on a GPU machine CPU tensors are simply refused")
+def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert is_available()[0] is False
+    with pytest.raises(ValueError, match="x is a CPU tensor"):
+        _call(_good_args())
+
+
+def test_kernel_mode_is_read_at_launch_not_import():
+    # The module never fixes TRITON_INTERPRET for other code: importing it leaves the environment untouched.
+    assert triton_smoa._interpreting() == (not ON_GPU)
