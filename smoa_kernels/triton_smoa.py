@@ -60,8 +60,6 @@ import types
 
 import torch
 
-from smoa_kernels.blocks import block_ids
-
 try:
     import triton
     import triton.language as tl
@@ -692,6 +690,19 @@ def _(grad_out, x_saved, adapter_is_x, weight, lora_A, lora_B, row_order, col_or
     )
 
 
+def traceable_block_ids(order: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """int32 ``blk[i] = k`` for i in block k, equal to :func:`smoa_kernels.blocks.block_ids` but with static shapes
+    only (no ``repeat_interleave`` by a data-dependent count), so torch.compile traces it without unbacked sizes."""
+    n = order.numel()
+    base, extra = divmod(n, num_blocks)
+    position = torch.arange(n, device=order.device)
+    long_span = extra * (base + 1)  # the first `extra` blocks hold base + 1 elements
+    per_position = torch.where(
+        position < long_span, position // (base + 1), extra + (position - long_span) // max(base, 1)
+    ).to(torch.int32)
+    return torch.empty_like(per_position).scatter_(0, order, per_position)
+
+
 class SMoATritonFunction(torch.autograd.Function):
     """2-D autograd.Function over the custom ops. ``x_adapter=None`` means "x itself" (dropout p = 0): then dx is one
     fused pass; a distinct ``x_adapter`` gets its own gradient. W0 is frozen (no weight gradient)."""
@@ -699,8 +710,8 @@ class SMoATritonFunction(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, x_adapter, weight, bias, lora_A, lora_B, row_order, col_order, num_blocks, scale, merged):
-        blk_row = block_ids(row_order, num_blocks)
-        blk_col = block_ids(col_order, num_blocks)
+        blk_row = traceable_block_ids(row_order, num_blocks)
+        blk_col = traceable_block_ids(col_order, num_blocks)
         out = torch.ops.smoa_kernels.triton_forward(
             x, x_adapter, weight, bias, lora_A, lora_B, blk_row, blk_col, scale, merged
         )
@@ -743,7 +754,11 @@ _VERIFIED_ORDERS: dict[tuple, bool] = {}
 
 
 def _check_permutation(name: str, order: torch.Tensor, n: int) -> None:
-    """Orders index W0 inside the kernels: check once per tensor version that they are permutations of range(n)."""
+    """Orders index W0 inside the kernels: check once per tensor version that they are permutations of range(n).
+
+    Skipped while torch.compile traces (a data-dependent check cannot be traced; eager calls have checked them)."""
+    if torch.compiler.is_compiling():
+        return
     key = (order.data_ptr(), order._version, order.numel(), str(order.device))
     if key in _VERIFIED_ORDERS:
         return
