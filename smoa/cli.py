@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMAND_MODULES: tuple[str, ...] = ()
+SUBCOMMAND_MODULES: tuple[str, ...] = ("smoa.bench", "smoa.finetune", "smoa.study", "smoa.rank")
 
 
 def _info(args: argparse.Namespace) -> int:
