@@ -12,8 +12,6 @@ Beyond PEFT's template (``tuners/hira/model.py``) it guarantees the "bad input l
 
 from __future__ import annotations
 
-import operator
-
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -32,15 +30,22 @@ _QUANTIZED_FLAGS = ("is_loaded_in_8bit", "is_loaded_in_4bit")
 
 def _check_not_quantized(model: nn.Module) -> None:
     flags = [flag for flag in _QUANTIZED_FLAGS if getattr(model, flag, False)]
-    method = getattr(model, "quantization_method", None) or getattr(
-        getattr(model, "hf_quantizer", None), "quantization_config", None
-    )
-    if flags or method is not None:
-        what = ", ".join(flags) or f"quantization {getattr(method, 'quant_method', method)}"
+    if flags:
         raise NotImplementedError(
-            f"SMoA on a quantized base model ({what}) is not supported yet: the spectral partition and the update "
-            "ΔW = (BA) ⊙ W0 need W0 as a dense floating-point weight. Load the base model in bf16/fp16/fp32."
+            f"SMoA on a quantized base model ({', '.join(flags)}) is not supported yet: the spectral partition and the "
+            "update ΔW = (BA) ⊙ W0 need W0 as a dense floating-point weight. Load the base model in bf16/fp16/fp32."
         )
+
+
+def _is_quantized_layer(layer: nn.Module) -> bool:
+    """bitsandbytes/GPTQ/AWQ/HQQ/torchao layers; a GGUF checkpoint dequantized on load is a plain float layer."""
+    weight = getattr(layer, "weight", None)
+    return (
+        type(layer).__name__ in ("Linear8bitLt", "Linear4bit")
+        or any(hasattr(layer, name) for name in ("qweight", "W_q"))
+        or (weight is not None and (not weight.dtype.is_floating_point or hasattr(weight, "quant_state")))
+        or (weight is not None and type(weight).__name__ not in ("Parameter", "Tensor", "DTensor"))
+    )
 
 
 class SMoAModel(BaseTuner):
@@ -78,16 +83,7 @@ class SMoAModel(BaseTuner):
             target.update_layer(adapter_name, r, alpha, config=config)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        try:  # torchao and other tensor-subclass quantizers
-            operator.attrgetter("hf_quantizer.quantization_config.get_apply_tensor_subclass")(self.model)
-        except AttributeError:
-            pass
-        else:
-            raise NotImplementedError("SMoA on a torchao-quantized base model is not supported yet")
-        if (
-            type(base).__name__ in ("Linear8bitLt", "Linear4bit")
-            or not getattr(base, "weight", torch.empty(0)).dtype.is_floating_point
-        ):
+        if _is_quantized_layer(base):
             raise NotImplementedError(
                 f"target module {current_key!r} is a quantized {type(base).__name__}: SMoA on 8-bit/4-bit base layers "
                 "is not supported yet"
