@@ -200,7 +200,7 @@ def test_help_documents_providers_modes_columns_and_floors(capsys):
 
 def test_tiny_run_writes_csv_and_png(tmp_path, capsys):
     argv = ["bench", "--device", "cpu", "--shapes", "64x48", "--tokens", "16,32", "--rank", "4", "--blocks", "2",
-            "--providers", "frozen,lora,smoa-torch,smoa-triton", "--min-time", "0.005", "--reps", "2",
+            "--providers", "frozen,lora,smoa-torch,smoa-triton", "--min-time", "0.005", "--reps", "1",
             "--output-dir", str(tmp_path), "--no-progress"]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -220,7 +220,7 @@ def test_tiny_run_writes_csv_and_png(tmp_path, capsys):
         assert row["torch"] == torch.__version__ and row["command"].startswith("smoa bench --device cpu")
     frozen = [row for row in ok if row["provider"] == "frozen"]
     assert all(float(row["x_frozen"]) == 1.0 for row in frozen)
-    assert (tmp_path / "smoa_bench_cpu_64x48_float32.png").stat().st_size > 1000
+    assert (tmp_path / f"smoa_bench_cpu_64x48_float32_t{torch.get_num_threads()}.png").stat().st_size > 1000
     again = [*argv[: argv.index("--providers")], "--providers", "frozen", "--modes", "forward", "--tokens", "16"]
     assert main([*again, "--output-dir", str(tmp_path), "--no-plot", "--no-progress"]) == 0
     with open(csv_path) as handle:  # the second run appended under the same header

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Timing", "peak_memory", "time_callable"]
+__all__ = ["Timing", "cpu_samples", "peak_memory", "time_callable", "timing_from_samples"]
 
 
 @dataclass(frozen=True)
@@ -57,16 +57,26 @@ def time_callable(fn: Callable[[], Any], device: torch.device, min_time: float, 
         median, p20, p80 = triton.testing.do_bench(fn, warmup=max(25, int(rep_ms / 4)), rep=int(rep_ms) + 1,
                                                    quantiles=[0.5, 0.2, 0.8])  # fmt: skip
         return Timing(median, p20, p80, None)
+    times = []
+    while len(times) < reps:
+        times.extend(cpu_samples(fn, min_time))
+    return timing_from_samples(times)
+
+
+def cpu_samples(fn: Callable[[], Any], min_time: float, warmup: bool = True) -> list[float]:
+    """Per-call times in ms of ``fn()`` on the CPU: a warm-up call, then ``Timer.blocked_autorange`` blocks for at
+    least ``min_time`` seconds (with all of torch's intra-op threads; ``Timer`` alone would use one)."""
     from torch.utils import benchmark
 
-    fn()  # warm-up: first-call allocations and lazy initialisation stay out of the numbers
+    if warmup:
+        fn()  # first-call allocations and lazy initialisation stay out of the numbers
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    measurement = timer.blocked_autorange(min_run_time=min_time)
-    times = list(measurement.times)
-    while len(times) < reps:
-        times.extend(timer.timeit(measurement.number_per_run).times)
-    median, p20, p80 = _quantiles([1000.0 * t for t in times])
-    return Timing(median, p20, p80, len(times))
+    return [1000.0 * t for t in timer.blocked_autorange(min_run_time=min_time).times]
+
+
+def timing_from_samples(times_ms: list[float]) -> Timing:
+    median, p20, p80 = _quantiles(times_ms)
+    return Timing(median, p20, p80, len(times_ms))
 
 
 @contextlib.contextmanager

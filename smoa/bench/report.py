@@ -50,6 +50,7 @@ CSV_COLUMNS = (
     "device",
     "device_name",
     "threads",
+    "load_avg_1m",  # the machine's 1-minute load average when the run started (other processes competing)
     "torch",
     "triton",
     "peft",
@@ -87,6 +88,7 @@ def environment(device: torch.device) -> dict[str, object]:
         "device": str(device),
         "device_name": name,
         "threads": torch.get_num_threads(),
+        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "torch": torch.__version__,
         "triton": _version("triton"),
         "peft": _version("peft"),
@@ -173,8 +175,10 @@ def format_table(rows: list[dict]) -> str:
         groups.setdefault(_group_key(row), []).append(row)
     for (d_in, d_out, dtype, tokens, r, num_blocks), group in groups.items():
         kind = next((row["mem_kind"] for row in group if row.get("mem_kind")), "")
+        first = group[0]
         lines.append(
             f"\n{d_in}->{d_out} (d_in->d_out)  {dtype}  N={tokens}  r={r}  K={num_blocks}  "
+            f"on {first.get('device_name')}, threads={first.get('threads')}, load avg {first.get('load_avg_1m')}\n"
             f"[peak MiB: {kind or 'n/a'}; saved MiB: autograd activations beyond x and W0]"
         )
         table = []
@@ -202,11 +206,13 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines).lstrip("\n")
 
 
-def plot_results(rows: list[dict], output_dir: Path, device_type: str) -> list[Path]:
-    """One PNG per (shape, dtype): a row of panels per (r, K), one panel per mode, time vs N per provider.
+def plot_results(rows: list[dict], output_dir: Path, device_type: str, suffix: str = "") -> list[Path]:
+    """One PNG per (shape, dtype): a row of panels per (r, K), one panel per mode.
 
-    ``frozen`` is the thick black line; each provider's floor is its dotted line, drawn as the time it would take at
-    the frozen layer's measured FLOP rate (frozen median × floor / frozen floor).
+    Several N: median time vs N per provider (log-log), ``frozen`` the thick black line, each provider's floor its
+    dotted line. One N: horizontal bars per provider, the ``frozen`` time a dashed black line, each floor a black
+    tick. A floor is drawn as the time the provider would take at the frozen layer's measured FLOP rate
+    (frozen median × floor / frozen floor), so the gap between a bar (or line) and its floor is implementation cost.
     """
     import matplotlib
 
@@ -225,47 +231,77 @@ def plot_results(rows: list[dict], output_dir: Path, device_type: str) -> list[P
         labels = list(dict.fromkeys(_label(row) for row in fig_rows))
         colors = {label: plt.cm.tab10(i % 10) for i, label in enumerate(label for label in labels if label != "frozen")}
         colors["frozen"] = "black"
+        bars = len({row["N"] for row in fig_rows}) == 1
         figure, axes = plt.subplots(
-            len(configs), len(modes), figsize=(4.2 * len(modes), 3.4 * len(configs)), squeeze=False
+            len(configs), len(modes), figsize=(4.4 * len(modes), (3.0 if bars else 3.4) * len(configs)), squeeze=False
         )
         device_name = fig_rows[0].get("device_name", device_type)
-        figure.suptitle(f"smoa bench — {d_in}→{d_out}, {dtype}, {device_name}", fontsize=10)
+        title = f"smoa bench — {d_in}→{d_out}, {dtype}, {device_name}, threads={fig_rows[0].get('threads', '?')}"
+        if bars:
+            title += f", N={fig_rows[0]['N']}"
+        figure.suptitle(title, fontsize=10)
         for i, (r, num_blocks) in enumerate(configs):
             for j, mode in enumerate(modes):
                 ax = axes[i][j]
                 panel = [row for row in fig_rows if (row["r"], row["K"], row["mode"]) == (r, num_blocks, mode)]
-                frozen = {row["N"]: row for row in panel if row["provider"] == "frozen" and row["status"] == "ok"}
-                for label in labels:
-                    points = sorted((row["N"], row) for row in panel if _label(row) == label and row["status"] == "ok")
-                    if not points:
-                        continue
-                    tokens = [n for n, _ in points]
-                    medians = [row["median_ms"] for _, row in points]
-                    is_frozen = label == "frozen"
-                    ax.plot(tokens, medians, marker="o", color=colors[label], label=label,
-                            linewidth=2.5 if is_frozen else 1.4, zorder=3 if is_frozen else 2)  # fmt: skip
-                    floor = [(n, frozen[n]["median_ms"] * row["floor_x_frozen"]) for n, row in points if n in frozen]
-                    if floor and not is_frozen:
-                        ax.plot(*zip(*floor), linestyle=":", marker="_", color=colors[label], linewidth=1.2)
-                ax.set_xscale("log", base=2)
-                ax.set_yscale("log")
+                ok = [row for row in panel if row["status"] == "ok"]
+                frozen = {row["N"]: row["median_ms"] for row in ok if row["provider"] == "frozen"}
+                if bars:
+                    _bar_panel(ax, ok, frozen, colors)
+                else:
+                    _line_panel(ax, ok, frozen, labels, colors)
                 ax.set_title(f"{mode}  (r={r}, K={num_blocks})", fontsize=9)
-                ax.set_xlabel("N (tokens)", fontsize=8)
-                ax.set_ylabel("median time (ms)", fontsize=8)
                 ax.tick_params(labelsize=7)
-                ax.grid(True, which="both", alpha=0.3)
-        handles, names = [], []
-        for ax in axes.flat:
-            for handle, name in zip(*ax.get_legend_handles_labels()):
-                if name not in names:
-                    handles.append(handle)
-                    names.append(name)
-        handles.append(plt.Line2D([], [], linestyle=":", color="gray"))
-        names.append("floor (dotted): frozen time × floor/frozen floor")
-        figure.legend(handles, names, loc="lower center", ncol=min(4, len(names)), fontsize=8, frameon=False)
-        figure.tight_layout(rect=(0, 0.06 + 0.02 * (len(names) // 4), 1, 0.95))
-        path = output_dir / f"smoa_bench_{device_type}_{d_in}x{d_out}_{dtype}.png"
+        handles = [plt.Line2D([], [], linestyle=":", color="gray"), plt.Line2D([], [], color="black", linewidth=2.5)]
+        names = ["floor: frozen time × floor / frozen floor", "frozen"]
+        if bars:
+            handles = [plt.Line2D([], [], marker="|", linestyle="", color="black", markersize=12),
+                       plt.Line2D([], [], linestyle="--", color="black")]  # fmt: skip
+        else:
+            for label in labels:
+                if label != "frozen":
+                    handles.append(plt.Line2D([], [], color=colors[label], marker="o"))
+                    names.append(label)
+        figure.legend(handles, names, loc="lower center", ncol=min(5, len(names)), fontsize=8, frameon=False)
+        figure.tight_layout(rect=(0, 0.05 + 0.025 * (len(names) // 5), 1, 0.94))
+        path = output_dir / f"smoa_bench_{device_type}_{d_in}x{d_out}_{dtype}{suffix}.png"
         figure.savefig(path, dpi=110)
         plt.close(figure)
         written.append(path)
     return written
+
+
+def _bar_panel(ax, ok: list[dict], frozen: dict, colors: dict) -> None:
+    ok = [row for row in ok if row["provider"] != "frozen"]
+    positions = range(len(ok))
+    ax.barh(list(positions), [row["median_ms"] for row in ok], color=[colors[_label(row)] for row in ok], alpha=0.85)
+    for y, row in zip(positions, ok):
+        low, high = row.get("p20_ms"), row.get("p80_ms")
+        if low is not None and high is not None:
+            ax.plot([low, high], [y, y], color="dimgray", linewidth=1)
+        if row["N"] in frozen:
+            ax.plot(frozen[row["N"]] * row["floor_x_frozen"], y, marker="|", color="black", markersize=14)
+    for value in frozen.values():
+        ax.axvline(value, color="black", linestyle="--", linewidth=1.2)
+    ax.set_yticks(list(positions), [_label(row) for row in ok], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("median time (ms), p20–p80 whisker", fontsize=8)
+    ax.grid(True, axis="x", alpha=0.3)
+
+
+def _line_panel(ax, ok: list[dict], frozen: dict, labels: list[str], colors: dict) -> None:
+    for label in labels:
+        points = sorted((row["N"], row) for row in ok if _label(row) == label)
+        if not points:
+            continue
+        is_frozen = label == "frozen"
+        ax.plot([n for n, _ in points], [row["median_ms"] for _, row in points], marker="o", color=colors[label],
+                linewidth=2.5 if is_frozen else 1.4, zorder=3 if is_frozen else 2)  # fmt: skip
+        floor = [(n, frozen[n] * row["floor_x_frozen"]) for n, row in points if n in frozen]
+        if floor and not is_frozen:
+            ax.plot(*zip(*floor), linestyle=":", color=colors[label], linewidth=1.2)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("N (tokens)", fontsize=8)
+    ax.set_ylabel("median time (ms)", fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from smoa.bench.flops import FLOOR_TABLE, MODES, flop_floor
-from smoa.bench.measure import peak_memory, time_callable
+from smoa.bench.measure import cpu_samples, peak_memory, time_callable, timing_from_samples
 from smoa.bench.providers import (
     DTYPES,
     PROVIDERS,
@@ -66,6 +66,7 @@ class BenchConfig:
     plot: bool = True
     check: bool = True
     seed: int = 0
+    threads: int | None = None  # torch intra-op threads for the run (None: torch's default)
 
     def resolve(self) -> BenchConfig:
         device = self.device
@@ -120,6 +121,8 @@ class BenchConfig:
                     raise ValueError(f"rank r={r} is not divisible by blocks K={num_blocks}: SMoA gives each block r/K")
         if not self.min_time > 0:
             raise ValueError(f"min_time={self.min_time!r} must be > 0 seconds")
+        if self.threads is not None and not (isinstance(self.threads, int) and self.threads >= 1):
+            raise ValueError(f"threads={self.threads!r} must be an integer >= 1")
         if not (isinstance(self.reps, int) and self.reps >= 1):
             raise ValueError(f"reps={self.reps!r} must be an integer >= 1")
 
@@ -133,6 +136,8 @@ class BenchConfig:
             "--modes " + ",".join(self.modes), f"--min-time {self.min_time:g}", f"--reps {self.reps}",
             f"--seed {self.seed}",
         ]  # fmt: skip
+        if self.threads is not None:
+            parts.append(f"--threads {self.threads}")
         if not self.check:
             parts.append("--no-check")
         return " ".join(parts)
@@ -158,46 +163,69 @@ def _status_of(error: BaseException) -> str:
     return f"error: {type(error).__name__}: {message[:200]}"
 
 
-def _free(device: torch.device) -> None:
-    """Give cached CUDA memory back between providers (on the CPU tensors are freed by refcount already; a full
-    ``gc.collect`` costs ~0.5 s once peft/transformers are imported)."""
+def _free(device: torch.device, collect: bool = False) -> None:
+    """Give cached CUDA memory back (tensors are freed by refcount already; a full ``gc.collect``, for reference
+    cycles, costs ~0.5 s once peft/transformers are imported, so it runs once per shape only)."""
     if device.type == "cuda":
-        gc.collect()
+        if collect:
+            gc.collect()
         torch.cuda.empty_cache()
 
 
-def _measure_case(case: Case, modes: tuple[str, ...], config: BenchConfig, device: torch.device, tick) -> dict:
-    """``{mode: measurement fields}`` for one built case: the correctness guard first, then time and memory."""
-    results: dict[str, dict] = {}
-    saved = None
-    if config.check:
+@dataclass
+class _Task:
+    """One built case waiting to be timed in ``modes``; ``fields[mode]`` collects the row's measured columns."""
+
+    case: Case
+    modes: tuple[str, ...]
+    fields: dict[str, dict]
+    samples: dict[str, list[float]] = field(default_factory=dict)
+
+
+def _checked_fields(case: Case, modes: tuple[str, ...], check: bool) -> dict[str, dict]:
+    """The correctness guard: ``{mode: fields}`` with status ``ok``, or ``mismatch`` (then nothing is timed)."""
+    error = saved = None
+    status = "ok"
+    if check:
         error, saved = case.check()
         tolerance = TOLERANCES[case.inputs.dtype]
         if not error <= tolerance:
             status = f"mismatch: max relative error {error:.3g} > tolerance {tolerance:g} against the oracle"
-            for mode in modes:
-                results[mode] = {"status": status, "max_rel_err": error}
-                tick()
-            return results
-    else:
-        error = None
-    for mode in modes:
-        fields = {"status": "ok", "max_rel_err": error, "saved_mib": None if mode == "inference" else saved}
-        try:
-            fn = case.step(mode)
-            timing = time_callable(fn, device, config.min_time, config.reps)
-            memory, kind = peak_memory(fn, device)
-            fields.update(dataclasses.asdict(timing), peak_mem_mib=None if memory is None else memory / 2**20)
-            fields["mem_kind"] = kind
-        except (torch.OutOfMemoryError, RuntimeError) as failure:
-            fields["status"] = _status_of(failure)
-        finally:
-            fn = None
-        if fields.get("saved_mib") is not None:
-            fields["saved_mib"] = fields["saved_mib"] / 2**20
-        results[mode] = fields
-        tick()
-    return results
+    saved_mib = None if saved is None else saved / 2**20
+    return {m: {"status": status, "max_rel_err": error, "saved_mib": None if m == "inference" else saved_mib}
+            for m in modes}  # fmt: skip
+
+
+def _measure_tasks(tasks: list[_Task], config: BenchConfig, device: torch.device, passes: int, tick) -> None:
+    """Time every (task, mode) in ``passes`` interleaved passes (CPU; one pass with ``do_bench`` on CUDA), then
+    measure its peak memory once. A failure (e.g. out of memory) becomes that measurement's status."""
+    for index in range(passes):
+        for task in tasks:
+            for mode in task.modes:
+                fields = task.fields[mode]
+                if fields["status"] != "ok":
+                    tick(1)
+                    continue
+                fn = None
+                try:
+                    fn = task.case.step(mode)
+                    if device.type == "cuda":
+                        fields.update(dataclasses.asdict(time_callable(fn, device, config.min_time, config.reps)))
+                    else:
+                        samples = cpu_samples(fn, config.min_time / passes, warmup=index == 0)
+                        task.samples.setdefault(mode, []).extend(samples)
+                    if index == passes - 1:
+                        memory, kind = peak_memory(fn, device)
+                        fields.update(peak_mem_mib=None if memory is None else memory / 2**20, mem_kind=kind)
+                except (torch.OutOfMemoryError, RuntimeError) as failure:
+                    fields["status"] = _status_of(failure)
+                finally:
+                    fn = None
+                tick(1)
+    for task in tasks:
+        for mode, samples in task.samples.items():
+            if task.fields[mode]["status"] == "ok":
+                task.fields[mode].update(dataclasses.asdict(timing_from_samples(samples)))
 
 
 def run_bench(
@@ -206,10 +234,19 @@ def run_bench(
     """Run the benchmark ``config`` describes; print the table to ``stdout`` (``None``: don't), append the CSV and
     draw the plots under ``config.output_dir``. Failures of one provider are recorded as its status and the run goes
     on; on Ctrl-C what was measured is still written (``result.interrupted``)."""
+    config = (config or BenchConfig()).resolve()
+    threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    try:
+        return _run(config, stdout, progress, log or (lambda text: print(text, file=sys.stderr)))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(config: BenchConfig, stdout, progress: bool, log: Callable[[str], None]) -> BenchResult:
     from tqdm.auto import tqdm
 
-    config = (config or BenchConfig()).resolve()
-    log = log or (lambda text: print(text, file=sys.stderr))
     device, dtype = torch.device(config.device), parse_dtype(config.dtype)
     env = {**environment(device), "command": config.command()}
     timestamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -225,22 +262,43 @@ def run_bench(
             yield "merged", ("inference",)
 
     combos = [(r, k) for r in config.ranks for k in config.blocks]
+    passes = config.reps if device.type == "cpu" else 1  # CPU: interleaved passes (see _measure_tasks)
     per_group = sum(len(modes) for p in providers for _, modes in variants(p))
-    total = len(config.shapes) * len(config.tokens) * len(combos) * per_group
+    total = len(config.shapes) * len(config.tokens) * len(combos) * per_group * passes
     result = BenchResult()
     csv_path = Path(config.output_dir) / "smoa_bench.csv"
-    cache: dict[tuple, dict] = {}  # measurements reused across (r, K) groups they do not depend on
+    cache: dict[tuple, dict] = {}  # (provider, what it depends on, shape, N, variant) → {mode: fields}, reused
     bar = tqdm(total=total, desc="smoa bench", unit="meas", file=sys.stderr, disable=not progress, dynamic_ncols=True)
 
-    def flush(group_rows: list[dict]) -> None:
-        if not group_rows:
-            return
-        add_ratios(group_rows)
-        result.rows.extend(group_rows)
-        if config.csv:
-            result.csv_path = append_csv(result.csv_path or csv_path, group_rows)
+    def measurement_key(provider, d_in, d_out, tokens, r, num_blocks, variant) -> tuple:
+        return (provider.name, *provider.measurement_key(r, num_blocks), d_in, d_out, tokens, variant)
 
-    group_rows: list[dict] = []
+    def flush_group(d_in: int, d_out: int, tokens: int, r: int, num_blocks: int) -> None:
+        """Rows of one (shape, N, r, K) group from the cache: ratios, then appended to the results and the CSV."""
+        rows = []
+        for provider in providers:
+            rank = provider.rank(r, num_blocks)
+            for variant, modes in variants(provider):
+                measured = cache.get(measurement_key(provider, d_in, d_out, tokens, r, num_blocks, variant), {})
+                for mode in modes:
+                    fields = dict(measured.get(mode, {"status": "interrupted"}))
+                    if fields["status"] == "ok" and "median_ms" not in fields:
+                        fields["status"] = "interrupted"
+                    floor = flop_floor(provider.family, mode, tokens, d_in, d_out, rank, num_blocks,
+                                       merged=variant == "merged")  # fmt: skip
+                    rows.append({
+                        "timestamp": timestamp, "provider": provider.name, "variant": variant, "mode": mode,
+                        "d_in": d_in, "d_out": d_out, "dtype": dtype_name(dtype), "N": tokens, "r": r,
+                        "K": num_blocks, "adapter_rank": rank,
+                        "trainable_params": _trainable_params(provider.family, rank, r, d_in, d_out),
+                        "floor_gflop": floor / 1e9, **env, **fields,
+                    })  # fmt: skip
+        add_ratios(rows)
+        result.rows.extend(rows)
+        if config.csv:
+            result.csv_path = append_csv(result.csv_path or csv_path, rows)
+
+    current = None
     try:
         for d_in, d_out in config.shapes:
             base, base_error, smoa_layers = None, None, {}
@@ -256,71 +314,68 @@ def run_bench(
                     except (torch.OutOfMemoryError, RuntimeError) as error:
                         inputs_error = _status_of(error)
                 for r, num_blocks in combos:
-                    group_rows = []
+                    current = (d_in, d_out, tokens, r, num_blocks)
+                    bar.set_postfix_str(f"{d_in}x{d_out} N={tokens} r={r} K={num_blocks}")
+                    tasks = _build_group(providers, variants, inputs, inputs_error, unavailable, current, cache,
+                                         measurement_key, config.check, log)  # fmt: skip
+                    bar.update(per_group * passes - sum(len(task.modes) for task in tasks) * passes)
+                    _measure_tasks(tasks, config, device, passes, bar.update)
+                    tasks = None
                     if inputs is not None:
                         inputs.oracle_cache.clear()
-                    for provider in providers:
-                        key = (provider.name, *provider.measurement_key(r, num_blocks), d_in, d_out, tokens)
-                        pending = [(v, m) for v, m in variants(provider) if (*key, v) not in cache]
-                        built: dict[str, Case] = {}
-                        for variant, modes in pending:
-                            bar.set_postfix_str(f"{d_in}x{d_out} N={tokens} r={r} K={num_blocks} {provider.name}")
-                            if unavailable[provider.name] or inputs_error:
-                                status = inputs_error or f"skipped: {unavailable[provider.name]}"
-                                cache[(*key, variant)] = {m: {"status": status} for m in modes}
-                                bar.update(len(modes))
-                                continue
-                            try:
-                                if "" not in built:
-                                    built[""] = build_case(provider, inputs, r, num_blocks)
-                                case = built[""] if variant == "" else dataclasses.replace(built[""], variant=variant)
-                                cache[(*key, variant)] = _measure_case(case, modes, config, device, bar.update)
-                            except (torch.OutOfMemoryError, RuntimeError, ValueError) as error:
-                                measured = cache.get((*key, variant), {})
-                                for mode in modes:
-                                    if mode not in measured:
-                                        measured[mode] = {"status": _status_of(error)}
-                                        bar.update(1)
-                                cache[(*key, variant)] = measured
-                                if not isinstance(error, torch.OutOfMemoryError):
-                                    log(f"smoa bench: {provider.name} failed: {_status_of(error)}")
-                        built.clear()
-                        _free(device)
-                        for variant, modes in variants(provider):
-                            for mode in modes:
-                                fields = cache[(*key, variant)][mode]
-                                rank = provider.rank(r, num_blocks)
-                                floor = flop_floor(provider.family, mode, tokens, d_in, d_out, rank, num_blocks,
-                                                   merged=variant == "merged")  # fmt: skip
-                                row = {
-                                    "timestamp": timestamp, "provider": provider.name, "variant": variant,
-                                    "mode": mode, "d_in": d_in, "d_out": d_out, "dtype": dtype_name(dtype),
-                                    "N": tokens, "r": r, "K": num_blocks, "adapter_rank": rank,
-                                    "trainable_params": _trainable_params(provider.family, rank, r, d_in, d_out),
-                                    "floor_gflop": floor / 1e9, **env, **fields,
-                                }  # fmt: skip
-                                group_rows.append(row)
-                    flush(group_rows)
-                    group_rows = []
-                if inputs is not None:
-                    inputs.oracle_cache.clear()
+                    _free(device)
+                    flush_group(*current)
+                    current = None
                 inputs = None
                 _free(device)
             smoa_layers.clear()
             base = None
-            _free(device)
+            _free(device, collect=True)
     except KeyboardInterrupt:
         result.interrupted = True
-        flush(group_rows)
+        if current is not None:
+            flush_group(*current)
         log("smoa bench: interrupted — writing what was measured")
     finally:
         bar.close()
-    for row in result.rows:
-        row.setdefault("status", "ok")
+    return _finish(result, config, device, stdout)
+
+
+def _build_group(providers, variants, inputs, inputs_error, unavailable, group, cache, measurement_key, check, log):
+    """Build and check every case of one (shape, N, r, K) group not already in ``cache``; return those to time.
+    Skips, build failures and mismatches go straight into ``cache`` as statuses."""
+    d_in, d_out, tokens, r, num_blocks = group
+    tasks: list[_Task] = []
+    for provider in providers:
+        built: Case | None = None
+        for variant, modes in variants(provider):
+            key = measurement_key(provider, d_in, d_out, tokens, r, num_blocks, variant)
+            if key in cache:
+                continue
+            if unavailable[provider.name] or inputs_error:
+                cache[key] = {m: {"status": inputs_error or f"skipped: {unavailable[provider.name]}"} for m in modes}
+                continue
+            try:
+                built = built or build_case(provider, inputs, r, num_blocks)
+                case = built if variant == "" else dataclasses.replace(built, variant=variant)
+                cache[key] = _checked_fields(case, modes, check)
+            except (torch.OutOfMemoryError, RuntimeError, ValueError) as error:
+                cache[key] = {m: {"status": _status_of(error)} for m in modes}
+                if not isinstance(error, torch.OutOfMemoryError):
+                    log(f"smoa bench: {provider.name} failed: {_status_of(error)}")
+                continue
+            if all(fields["status"] == "ok" for fields in cache[key].values()):
+                tasks.append(_Task(case, modes, cache[key]))
+    return tasks
+
+
+def _finish(result: BenchResult, config: BenchConfig, device: torch.device, stdout) -> BenchResult:
+    """Print the table, draw the plots, say where everything went."""
     if stdout is not None:
         print(format_table(result.rows), file=stdout)
     if config.plot and result.rows:
-        result.plots = plot_results(result.rows, Path(config.output_dir), device.type)
+        suffix = f"_t{torch.get_num_threads()}" if device.type == "cpu" else ""
+        result.plots = plot_results(result.rows, Path(config.output_dir), device.type, suffix)
     if stdout is not None:
         if result.csv_path:
             print(f"\nCSV (appended): {result.csv_path}", file=stdout)
@@ -423,14 +478,15 @@ K {",".join(map(str, CUDA_DEFAULTS["blocks"]))}, --min-time {CUDA_DEFAULTS["min_
   --quick: one small shape (CPU 512x512, N 512; CUDA 4096x4096, N 4096), short timings, 3 reps.
 
 output (under --output-dir): smoa_bench.csv (appended, one row per measurement, with device name, thread count,
-versions, timestamp and the reproducing command) and smoa_bench_<device>_<d_in>x<d_out>_<dtype>.png (time vs N,
-one panel per mode and (r, K), frozen in black, floors dotted). Out-of-memory and failing providers are reported
-in the table and the run goes on; a CUDA-only provider on CPU is skipped with the reason. Exit status 1 if any
-provider failed its correctness check or raised an error.
+versions, timestamp and the reproducing command) and smoa_bench_<device>_<d_in>x<d_out>_<dtype>[_t<threads>].png
+(time vs N, one panel per mode and (r, K), frozen in black, floors dotted). Out-of-memory and failing providers
+are reported in the table and the run goes on; a CUDA-only provider on CPU is skipped with the reason. Exit status
+1 if any provider failed its correctness check or raised an error.
 
 examples:
   smoa bench                                   # this machine's defaults
   smoa bench --quick --no-plot
+  smoa bench --threads 1                       # steadier on a CPU shared with other jobs
   smoa bench --device cuda --shapes 4096x4096 --tokens 2048,8192 -r 32 -K 2,4 --providers frozen,lora,smoa-triton
 """
 
@@ -470,6 +526,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
     parser.add_argument("--seed", type=int, default=0, help="seed of W0, x, dY and the factors")
+    parser.add_argument(
+        "--threads", type=int, help="torch intra-op threads for the run (default: torch's, i.e. the core count)"
+    )
     parser.set_defaults(func=_command)
     return parser
 
@@ -479,6 +538,7 @@ def _command(args: argparse.Namespace) -> int:
         device=args.device, dtype=args.dtype, shapes=args.shapes, tokens=args.tokens, ranks=args.ranks,
         blocks=args.blocks, providers=args.providers, modes=args.modes, min_time=args.min_time, reps=args.reps,
         quick=args.quick, output_dir=args.output_dir, csv=args.csv, plot=args.plot, check=args.check, seed=args.seed,
+        threads=args.threads,
     )  # fmt: skip
     try:
         config = config.resolve()
