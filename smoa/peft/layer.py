@@ -129,10 +129,13 @@ class SMoALayer(BaseTunerLayer):
             self._smoa_orders_pending.add(adapter_name)
         else:
             svd_dtype = torch.float64 if config.svd_dtype == "float64" else torch.float32
-            # under DeepSpeed ZeRO-3 the weight is partitioned: the SVD must see the full (gathered) W0
+            # under DeepSpeed ZeRO-3 (partitioned) or FSDP2 (DTensor shards) the SVD must see the full W0
             with gather_params_ctx(self.get_base_layer().weight):
+                full_weight = self._base_weight()
+                if hasattr(full_weight, "full_tensor"):  # a DTensor: all-gather (every rank attaches the adapter)
+                    full_weight = full_weight.full_tensor()
                 row_order, col_order = compute_orders(
-                    self._base_weight(), config.ordering, seed=config.seed, svd_dtype=svd_dtype
+                    full_weight, config.ordering, seed=config.seed, svd_dtype=svd_dtype
                 )
             self._smoa_orders_pending.discard(adapter_name)
         self.smoa_row_order[adapter_name] = row_order
