@@ -499,3 +499,22 @@ def test_smoa_adapter_never_loads_as_lora_without_smoa(saved):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_target_selection_options_follow_lora():
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    base = GPT2Model(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=16))
+
+    def targets(**config) -> set[str]:
+        model = get_peft_model(copy.deepcopy(base), SMoAConfig(r=2, fan_in_fan_out=True, **config))
+        return {name.removeprefix("base_model.model.") for name in smoa_layers(model)}
+
+    every = {f"h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert targets(target_modules="all-linear") == every
+    assert targets(target_modules=r".*\.attn\.c_attn") == {"h.0.attn.c_attn", "h.1.attn.c_attn"}
+    assert targets(target_modules="all-linear", exclude_modules=["c_proj"]) == {
+        "h.0.attn.c_attn", "h.1.attn.c_attn", "h.0.mlp.c_fc", "h.1.mlp.c_fc"
+    }  # fmt: skip
+    assert targets(target_modules=["c_attn"], layers_to_transform=[1], layers_pattern="h") == {"h.1.attn.c_attn"}
