@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 import smoa.peft as smoa_peft  # noqa: E402
 from smoa.layer import SMoALinear  # noqa: E402
+from smoa.partition import compute_orders  # noqa: E402
 from smoa.peft import SMoAConfig, SMoAModel, lora_export_error  # noqa: E402
 from smoa.peft.layer import Linear as SMoAPeftLinear  # noqa: E402
 from smoa_kernels.reference import dense_delta_weight, smoa_linear_reference  # noqa: E402
@@ -151,6 +152,41 @@ def test_default_init_is_a_no_op_and_scale_follows_lora_alpha(x):
     layers = smoa_layers(model)
     assert layers["base_model.model.lin0"].scaling["default"] == 0.5
     assert layers["base_model.model.lin1"].r["default"] == 2 and layers["base_model.model.lin1"].scaling["default"] == 4
+
+
+def test_dropout_acts_on_the_adapter_path_only():
+    model = smoa_model(lora_dropout=0.5)
+    layer = smoa_layers(model)["base_model.model.lin0"]
+    h = torch.randn(4, 13)
+    model.eval()
+    torch.testing.assert_close(layer(h), expected_layer_output(layer, h), atol=ATOL, rtol=0)
+    model.train()
+    torch.manual_seed(5)
+    out = layer(h)
+    torch.manual_seed(5)
+    h_adapter = nn.functional.dropout(h, 0.5, training=True)
+    base = layer.get_base_layer()
+    expected = smoa_linear_reference(
+        h, h_adapter, base.weight, base.bias, layer.smoa_A["default"].weight, layer.smoa_B["default"].weight,
+        layer.smoa_row_order["default"], layer.smoa_col_order["default"], 2, 1.0,
+    )  # fmt: skip
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=0)
+
+
+def test_a_saved_config_reused_for_a_new_adapter_still_gets_its_orders(saved, x):
+    """SMoAConfig read from a checkpoint skips the SVD at attach time (the orders come with the weights); used for a
+    fresh adapter instead, the orders are computed at first use, with the config's ordering."""
+    path, _ = saved
+    config = PeftConfig.from_pretrained(path)
+    assert config._orders_from_checkpoint
+    config.ordering, config.seed = "random", 3
+    model = get_peft_model(toy(), config)
+    layer = smoa_layers(model)["base_model.model.lin0"]
+    with pytest.warns(UserWarning, match="no orders were loaded; computing them from W0 now"):
+        model(x)
+    assert not layer._smoa_orders_pending
+    expected_rows, _ = compute_orders(layer.get_base_layer().weight, "random", seed=3)
+    assert torch.equal(layer.smoa_row_order["default"], expected_rows)
 
 
 def test_print_trainable_parameters_counts_r_times_sizes_over_k(capsys):
@@ -493,6 +529,14 @@ def test_smoa_adapter_never_loads_as_lora_without_smoa(saved):
                 assert "SMOA" in repr(error), repr(error)
             else:
                 sys.exit("loaded an SMoA adapter without smoa")
+        from transformers import GPT2Config, GPT2Model
+        gpt2 = GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16))
+        try:
+            gpt2.load_adapter({str(path)!r})  # transformers' PeftAdapterMixin
+        except Exception as error:
+            assert "SMOA" in repr(error), repr(error)
+        else:
+            sys.exit("transformers loaded an SMoA adapter without smoa")
         assert "smoa" not in sys.modules
         """
     )

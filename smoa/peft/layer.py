@@ -82,6 +82,7 @@ class SMoALayer(BaseTunerLayer):
         self.smoa_col_order = BufferDict({}, persistent=True)
         # adapters whose orders are still to come from a checkpoint (or, failing that, from the SVD at first use)
         self._smoa_orders_pending: set[str] = set()
+        self._smoa_order_options: dict[str, tuple[str, int, torch.dtype]] = {}  # (ordering, seed, svd_dtype)
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         # entries of the original W0 that the current merge could not keep recoverable (flat index, value)
@@ -122,13 +123,14 @@ class SMoALayer(BaseTunerLayer):
         self.smoa_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
 
         device = base_weight.device
+        svd_dtype = torch.float64 if config.svd_dtype == "float64" else torch.float32
+        self._smoa_order_options[adapter_name] = (config.ordering, config.seed, svd_dtype)
         if getattr(config, "_orders_from_checkpoint", False):
             # the orders will be loaded with the factors: no SVD now (identity placeholders until then)
             row_order = torch.arange(self.out_features, device=device)
             col_order = torch.arange(self.in_features, device=device)
             self._smoa_orders_pending.add(adapter_name)
         else:
-            svd_dtype = torch.float64 if config.svd_dtype == "float64" else torch.float32
             # under DeepSpeed ZeRO-3 (partitioned) or FSDP2 (DTensor shards) the SVD must see the full W0
             with gather_params_ctx(self.get_base_layer().weight):
                 full_weight = self._base_weight()
@@ -180,6 +182,7 @@ class SMoALayer(BaseTunerLayer):
             self.unmerge()
         super().delete_adapter(adapter_name)
         self._smoa_orders_pending.discard(adapter_name)
+        self._smoa_order_options.pop(adapter_name, None)
 
     # ---- orders -------------------------------------------------------------------------------------------------
     def _orders(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,12 +191,13 @@ class SMoALayer(BaseTunerLayer):
             # adapter): fall back to the SVD of the (unmerged) W0, which the adapter was then initialised on.
             if self.merged:
                 raise RuntimeError(f"SMoA adapter {adapter_name!r} has no orders yet; unmerge before using it")
+            ordering, seed, svd_dtype = self._smoa_order_options[adapter_name]
             warnings.warn(
-                f"SMoA adapter {adapter_name!r}: no saved orders were loaded; computing them from W0 now (spectral "
-                "ordering, float32 SVD)",
+                f"SMoA adapter {adapter_name!r}: its config came from a saved adapter but no orders were loaded; "
+                f"computing them from W0 now (ordering={ordering!r})",
                 stacklevel=2,
             )
-            row_order, col_order = compute_orders(self._base_weight())
+            row_order, col_order = compute_orders(self._base_weight(), ordering, seed=seed, svd_dtype=svd_dtype)
             self.smoa_row_order[adapter_name].copy_(row_order)
             self.smoa_col_order[adapter_name].copy_(col_order)
             self._smoa_orders_pending.discard(adapter_name)
