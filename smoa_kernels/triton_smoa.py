@@ -20,10 +20,15 @@ Design, from ../shared/KERNELS.md's cost model:
   accumulator. All loads are coalesced (no gathers, no mask buffer, no d_out×d_in temporary). The weight tile is the
   left-hand ``tl.dot`` operand (``yᵀ_tile = W_tile @ xᵀ_tile``) so Hopper can feed the generated tile from
   registers. dX is the same kernel with the roles of rows and columns swapped (strides transposed), so there is one
-  GEMM kernel to tune and to check. Cost: 4·N·D² per pass (base + adapter dot) plus the rank-r_k regeneration
-  (r_k/BLOCK_O of a pass). The adapter dot touches every tile because the spectral orders scatter the blocks over the
-  whole matrix — the price of staying gather-free; the permuted alternative (2·N·D²/K, but gathered W0 tiles
-  reloaded by N/BLOCK_N programs) is left to the benchmark issue to measure against this one.
+  GEMM kernel to tune and to check. Cost: 4·N·D² per pass (base + adapter dot) plus the ΔW regeneration (each
+  weight tile is rebuilt by N/BLOCK_N programs: RANK_PAD/BLOCK_N of one dot). The adapter dot touches every tile
+  because the spectral orders scatter the blocks over the whole matrix — the price of staying gather-free; the
+  permuted alternative (2·N·D²/K, but W0 tiles gathered element-wise and reloaded by N/BLOCK_N programs) is left to
+  the benchmark issue to measure against this one.
+* **Step cost of the exact default path**: forward 4·N·D², dX 4·N·D², factor gradient 2·N·D²/K, i.e. (8 + 2/K)·N·D²
+  against the floor (4 + 6/K)·N·D² of KERNELS.md §1 (1.29× it at K = 2, 1.52× at K = 4). Reaching the floor needs the
+  adapter terms of forward/dX restricted to the diagonal blocks (permuted coordinates) next to a cuBLAS base GEMM;
+  the ``merged_weight`` fast path below is (4 + 2/K)·N·D² plus the regeneration.
 * **The factor gradient runs in permuted coordinates** (``_smoa_factor_grad_kernel``): ``dY[:, row_order]`` and
   ``x_a[:, col_order]`` are gathered once (2·N·D elements), after which the diagonal blocks are contiguous bands and
   only they are computed: 2·N·D²/K FLOPs, K× less than a dense ``dYᵀx``. The G tile never leaves registers: the
@@ -321,31 +326,27 @@ def _smoa_factor_grad_kernel(
 # Configs (the one list) and kernel construction
 # ----------------------------------------------------------------------------------------------------------------------
 
-# Every config shipped for each kernel. The FIRST entry is the single config used under TRITON_INTERPRET=1 and with
-# torch.use_deterministic_algorithms(True); tools/aot_compile_check.py compiles all of them for sm_80/sm_90 and fails
+# Every config shipped for each kernel. The FIRST entry valid for an activation dtype ("dtypes", optional, restricts
+# an entry to those dtypes) is the single config used under TRITON_INTERPRET=1 and with
+# torch.use_deterministic_algorithms(True). tools/aot_compile_check.py compiles all of them for sm_80/sm_90 and fails
 # on any spill, so a config that spills is removed here (or limited to the dtypes where it does not) rather than
-# shipped. "dtypes" (optional) restricts a config to those activation dtypes.
+# shipped.
+_HALF, _FP32 = ("fp16", "bf16"), ("fp32",)
 KERNEL_CONFIGS: dict[str, list[dict]] = {
+    # Chosen with tools/aot_compile_check.py. On sm_80 ptxas caps 8-warp programs at 128 registers, so 16-bit tiles use
+    # 4 warps where they can; fp32 tiles are twice as large in registers and its 3×TF32 dots need BLOCK_R = 16 (with
+    # BLOCK_R = 32 every fp32 tile spills on sm_80). Pruned for spilling: 64×128×32/4 warps (8 B with fp32 factors),
+    # 64×64×16/4 warps and 64×128×16/8 warps in fp32, 128×64×16/4 warps (up to 360 B).
     "gemm": [
-        {"BLOCK_O": 64, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 4, "num_stages": 3},
-        {"BLOCK_O": 128, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 8, "num_stages": 3},
-        {"BLOCK_O": 64, "BLOCK_N": 128, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 8, "num_stages": 3},
-        # fp32 spills 24 bytes on sm_80 at this size
-        {
-            "BLOCK_O": 128,
-            "BLOCK_N": 128,
-            "BLOCK_R": 32,
-            "GROUP_O": 8,
-            "num_warps": 8,
-            "num_stages": 3,
-            "dtypes": ("fp16", "bf16"),
-        },
+        {"BLOCK_O": 64, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 4, "num_stages": 3, "dtypes": _HALF},
+        {"BLOCK_O": 128, "BLOCK_N": 64, "BLOCK_R": 16, "GROUP_O": 8, "num_warps": 8, "num_stages": 3, "dtypes": _FP32},
+        {"BLOCK_O": 128, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 4, "num_stages": 3, "dtypes": _HALF},
+        {"BLOCK_O": 128, "BLOCK_N": 128, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 8, "num_stages": 3, "dtypes": _HALF},
     ],
+    # 4 warps spill on sm_80 (the fp32 epilogue contractions); 64×128 spills 4–8 bytes and 128×128 about 1 KB.
     "factor_grad": [
-        # 4 warps spill on sm_80 (the fp32 epilogue contractions); 128×128 tiles spill ~1 KB
         {"BLOCK_O": 64, "BLOCK_C": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3},
         {"BLOCK_O": 128, "BLOCK_C": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3},
-        {"BLOCK_O": 64, "BLOCK_C": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3},
     ],
 }
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "dtypes")
@@ -404,10 +405,15 @@ def _autotuned_kernel(name: str):
     )(jit_kernel(name, False))
 
 
+def default_config(name: str, dtype: torch.dtype) -> dict:
+    """The single config of kernel ``name`` for activations of ``dtype``: the first entry shipped for that dtype."""
+    return next(entry for entry in KERNEL_CONFIGS[name] if _DTYPE_NAMES[dtype] in config_dtypes(entry))
+
+
 def _launch(name: str, grid, *args, **constexprs) -> None:
     """Launch ``name``: one config (interpreter, deterministic mode) or the autotuned list."""
     if _interpreting() or torch.are_deterministic_algorithms_enabled():
-        entry = KERNEL_CONFIGS[name][0]
+        entry = default_config(name, args[0].dtype)  # args[0]: the activations (X / DY_PERM)
         options = {"num_warps": entry["num_warps"], "num_stages": entry["num_stages"]}
         jit_kernel(name, _interpreting())[grid](*args, **constexprs, **config_meta(entry), **options)
     else:
@@ -418,10 +424,16 @@ def _min_config_block(name: str, key: str) -> int:
     return min(entry[key] for entry in KERNEL_CONFIGS[name])
 
 
+# tl.dot precision for fp32 operands, keyed by torch.backends.cuda.matmul.allow_tf32. Without TF32 the kernels use
+# three TF32 products ("tf32x3", error at the level of fp32 rounding) rather than "ieee": an FMA-based fp32 dot spills
+# hundreds of bytes of registers in every shipped tile (tools/aot_compile_check.py). 16-bit operands ignore it.
+FP32_DOT_PRECISION = {True: "tf32", False: "tf32x3"}
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not _interpreting():
-        return "tf32"
-    return "ieee"
+    if dtype != torch.float32 or _interpreting():
+        return "ieee"  # the interpreter computes exact fp32 whatever the flag
+    return FP32_DOT_PRECISION[bool(torch.backends.cuda.matmul.allow_tf32)]
 
 
 def _rank_pad(rank: int) -> int:

@@ -11,7 +11,7 @@ Exit status: 0 when everything compiles without spills, 1 on any compile error, 
 the arch's limit (a config that spills is pruned from ``KERNEL_CONFIGS`` rather than shipped).
 
     python tools/aot_compile_check.py            # full matrix (a few minutes on 2 cores)
-    python tools/aot_compile_check.py --quick    # first config per kernel, one 16-bit and the fp32 dtype combo
+    python tools/aot_compile_check.py --quick    # the default (first) configs, fp32 and bf16/fp32 only
 """
 
 from __future__ import annotations
@@ -29,11 +29,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from smoa_kernels.triton_smoa import KERNEL_CONFIGS, config_dtypes, config_meta
+import torch
+
+from smoa_kernels.triton_smoa import FP32_DOT_PRECISION, KERNEL_CONFIGS, config_dtypes, config_meta, default_config
 
 ARCHS = (80, 90)
 # (activation/weight dtype, factor dtype) pairs the launchers accept.
-DTYPE_COMBOS = (("fp32", "fp32"), ("fp16", "fp16"), ("fp16", "fp32"), ("bf16", "bf16"), ("bf16", "fp32"))
+# "fp32" is fp32 activations with torch's default allow_tf32=False (3×TF32 dots); "tf32" is fp32 activations with
+# allow_tf32=True (one TF32 dot). The two compile to different code, so both are checked.
+DTYPE_COMBOS = (
+    ("fp32", "fp32"), ("tf32", "fp32"), ("fp16", "fp16"), ("fp16", "fp32"), ("bf16", "bf16"), ("bf16", "fp32"),
+)  # fmt: skip
 QUICK_DTYPE_COMBOS = (("fp32", "fp32"), ("bf16", "fp32"))
 # Launch variants of the GEMM kernel: constexpr flags and whether strides are those of the transposed (dX) pass.
 GEMM_VARIANTS = {
@@ -80,7 +86,7 @@ def _gemm_source(jit_fn, job: Job):
     from triton.compiler import ASTSource
 
     flags = GEMM_VARIANTS[job.variant]
-    act, factor = f"*{job.act}", f"*{job.factor}"
+    act, factor = f"*{_storage(job.act)}", f"*{job.factor}"
     signature = {
         "X": act, "XA": act, "OUT": act, "BIAS": act, "W": act, "U": factor, "V": factor,
         "IDS_OUT": "*i32", "IDS_RED": "*i32",
@@ -103,7 +109,7 @@ def _gemm_source(jit_fn, job: Job):
             constexprs[name] = 1
     meta = config_meta(job.config)
     const_flags = {k: v for k, v in flags.items() if k != "transpose"}
-    precision = {"DOT_PRECISION": "tf32" if job.act == "fp32" else "ieee", "RANK_PAD": RANK_PAD}
+    precision = {"DOT_PRECISION": _precision(job.act), "RANK_PAD": RANK_PAD}
     for name, value in {**const_flags, **precision, **meta}.items():
         signature[name] = "constexpr"
         constexprs[name] = value
@@ -117,7 +123,7 @@ def _gemm_source(jit_fn, job: Job):
 def _factor_grad_source(jit_fn, job: Job):
     from triton.compiler import ASTSource
 
-    act, factor = f"*{job.act}", f"*{job.factor}"
+    act, factor = f"*{_storage(job.act)}", f"*{job.factor}"
     signature = {
         "DY_PERM": act, "XA_PERM": act, "W": act, "A": factor, "B": factor,
         "ROW_ORDER": "*i64", "COL_ORDER": "*i64", "DA_PART": "*fp32", "DB_PART": "*fp32",
@@ -136,7 +142,7 @@ def _factor_grad_source(jit_fn, job: Job):
         if name in unit:
             constexprs[name] = 1
     meta = config_meta(job.config)
-    precision = {"DOT_PRECISION": "tf32" if job.act == "fp32" else "ieee", "RANK_PAD": RANK_PAD}
+    precision = {"DOT_PRECISION": _precision(job.act), "RANK_PAD": RANK_PAD}
     for name, value in {**precision, **meta}.items():
         signature[name] = "constexpr"
         constexprs[name] = value
@@ -144,6 +150,18 @@ def _factor_grad_source(jit_fn, job: Job):
         n for n in strides if n not in unit and n not in ("stride_bo",)
     ]
     return ASTSource(fn=jit_fn, signature=signature, constexprs=constexprs, attrs=_attrs(jit_fn, divisible))
+
+
+def _storage(act: str) -> str:
+    """Element type of the activations for an activation label ("tf32" is fp32 storage)."""
+    return "fp32" if act == "tf32" else act
+
+
+def _precision(act: str) -> str:
+    """The kernels' DOT_PRECISION for an activation label (see triton_smoa.FP32_DOT_PRECISION)."""
+    if act in ("fp32", "tf32"):
+        return FP32_DOT_PRECISION[act == "tf32"]
+    return "ieee"
 
 
 def _attrs(jit_fn, names):
@@ -199,15 +217,16 @@ def build_jobs(quick: bool = False, archs=ARCHS) -> list[Job]:
     jobs = []
     for kernel, configs in KERNEL_CONFIGS.items():
         variants = list(GEMM_VARIANTS) if kernel == "gemm" else ["factor_grad"]
+        quick_configs = {id(default_config(kernel, dtype)) for dtype in (torch.float32, torch.bfloat16)}
         for index, config in enumerate(configs):
-            if quick and index > 0:
+            if quick and id(config) not in quick_configs:
                 continue
             for variant in variants:
                 for act, factor in combos:
-                    if act not in config_dtypes(config):
+                    if _storage(act) not in config_dtypes(config):
                         continue
                     # factor dtype only changes the factor loads: the full product is checked for fwd/dx
-                    if variant == "factor_grad" or act == "fp32" or factor == act or variant in ("fwd", "dx"):
+                    if variant == "factor_grad" or _storage(act) == factor or variant in ("fwd", "dx"):
                         for arch in archs:
                             jobs.append(Job(kernel, variant, index, config, act, factor, arch))
     return jobs
@@ -256,11 +275,10 @@ def failures(results: list[Result]) -> list[Result]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="first config per kernel, fp32 and bf16/fp32 only")
+    parser.add_argument("--quick", action="store_true", help="default configs only, fp32 and bf16/fp32 only")
     parser.add_argument("--arch", type=int, choices=ARCHS, action="append", help="restrict to one arch (repeatable)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     args = parser.parse_args(argv)
-    import torch
     import triton
 
     jobs = build_jobs(quick=args.quick, archs=tuple(args.arch or ARCHS))

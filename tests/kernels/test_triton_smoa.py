@@ -19,7 +19,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed: the fuse
 
 from smoa_kernels import triton_smoa  # noqa: E402
 from smoa_kernels.reference import smoa_linear_reference  # noqa: E402
-from smoa_kernels.triton_smoa import KERNEL_CONFIGS, is_available, smoa_linear_triton  # noqa: E402
+from smoa_kernels.triton_smoa import default_config, is_available, smoa_linear_triton  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -38,10 +38,12 @@ DTYPES = [(torch.float32, torch.float32), (torch.float16, torch.float16), (torch
 if ON_GPU:
     DTYPES += [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)]
 
-# The single config the interpreter uses: the edges below are stated in its tile sizes.
-TILE_N = KERNEL_CONFIGS["gemm"][0]["BLOCK_N"]  # 64: token tile of the forward / dX kernel
-TILE_O = KERNEL_CONFIGS["gemm"][0]["BLOCK_O"]  # 64: output-feature tile
-TILE_BAND = KERNEL_CONFIGS["factor_grad"][0]["BLOCK_O"]  # 64: tile of a diagonal block's band in the factor gradient
+# The single config the interpreter uses (the 16-bit one; fp32's has BLOCK_O = 128, the same BLOCK_N): the edges below
+# are stated in its tile sizes.
+TILE_N = default_config("gemm", torch.float16)["BLOCK_N"]  # 64: token tile of the forward / dX kernel
+TILE_O = default_config("gemm", torch.float16)["BLOCK_O"]  # 64: output-feature tile
+TILE_BAND = default_config("factor_grad", torch.float16)["BLOCK_O"]  # 64: a diagonal band's tile (factor gradient)
+assert default_config("gemm", torch.float32)["BLOCK_N"] == TILE_N
 
 # (lead dims of x, d_out, d_in, K, r_k, dropout, bias, layout)
 CASES = [
@@ -59,6 +61,7 @@ CASES = [
     ((11,), 36, 24, 2, 4, False, True, "transposed"),  # non-contiguous x: a transposed view, strides (1, N)
     ((11,), 36, 24, 2, 4, True, True, "strided"),  # non-contiguous x: a column slice of a wider tensor
     ((0,), 16, 16, 2, 4, False, True, "contiguous"),  # no tokens: empty output, zero factor gradients
+    ((4,), 20, 24, 2, 0, True, True, "contiguous"),  # r_k = 0: the adapter contributes nothing (SPEC §6)
 ]
 if ON_GPU:
     CASES += [
@@ -273,6 +276,30 @@ def test_autocast_runs_in_the_autocast_dtype():
     expected = _run(smoa_linear_reference, problem, dtype=torch.float64, device="cpu")
     _assert_matches({k: v for k, v in actual.items() if k != "x"}, {k: v for k, v in expected.items() if k != "x"},
                     TOLERANCES[(torch.bfloat16, torch.float32)])  # fmt: skip
+
+
+@pytest.mark.skipif(
+    not ON_GPU or torch.cuda.get_device_properties(0).total_memory < 40 * 2**30,
+    reason="needs a GPU with ≥ 40 GB: tensors above 2³¹ elements exercise the int64 offsets",
+)
+def test_int64_offsets_beyond_two_gigaelements():
+    # x and y have (2²⁰ + 64)·2048 > 2³¹ elements; rows are independent in the forward and in dX, so the last rows
+    # (whose offsets overflow int32) are compared with the reference on those rows alone.
+    n_rows, d_in, d_out, K, r_k = 2**20 + 64, 2048, 2048, 2, 16
+    problem = _make_inputs((64,), d_out, d_in, K, r_k, False, False, "contiguous", torch.bfloat16, torch.float32)
+    tail = problem["x"].to(DEVICE)
+    x = torch.zeros(n_rows, d_in, dtype=torch.bfloat16, device=DEVICE)
+    x[-64:] = tail
+    x.requires_grad_(True)
+    grad_out = torch.zeros(n_rows, d_out, dtype=torch.bfloat16, device=DEVICE)
+    grad_out[-64:] = problem["grad_out"].to(DEVICE)
+    args = (problem["weight"].to(DEVICE), None, problem["lora_A"].to(DEVICE), problem["lora_B"].to(DEVICE),
+            problem["row_order"].to(DEVICE), problem["col_order"].to(DEVICE), K, 0.5)  # fmt: skip
+    y = smoa_linear_triton(x, x, *args)
+    y.backward(grad_out)
+    expected = _run(smoa_linear_reference, problem, dtype=torch.float64, device="cpu")
+    tol = TOLERANCES[(torch.bfloat16, torch.float32)]
+    _assert_matches({"y": y.detach()[-64:], "x": x.grad[-64:]}, {"y": expected["y"], "x": expected["x"]}, tol)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
