@@ -104,11 +104,16 @@ def test_guard_catches_a_wrong_answer(tiny_inputs):
 
 
 def test_saved_activations_show_the_dense_delta_weight(tiny_inputs):
-    """HiRA and the reference keep a d_out×d_in tensor for backward; SMoA's blockwise path keeps only x gathered."""
-    saved = {p: build_case(p, tiny_inputs, r=4, num_blocks=2).check()[1] for p in ("frozen", "hira", "smoa-torch")}
+    """HiRA keeps x and a d_out×d_in tensor for backward; LoRA keeps x; SMoA's blockwise path a gathered copy of x;
+    the frozen layer nothing (no weight gradient, so x is not needed)."""
+    saved = {
+        p: build_case(p, tiny_inputs, r=4, num_blocks=2).check()[1] for p in ("frozen", "lora", "hira", "smoa-torch")
+    }
+    x_bytes, w_bytes = 32 * 64 * 4, 64 * 48 * 4
     assert saved["frozen"] == 0
-    assert saved["hira"] >= 64 * 48 * 4
-    assert saved["smoa-torch"] < 64 * 48 * 4
+    assert x_bytes <= saved["lora"] < x_bytes + w_bytes
+    assert saved["hira"] >= x_bytes + w_bytes
+    assert x_bytes <= saved["smoa-torch"] < x_bytes + w_bytes
 
 
 # ---- bad input -----------------------------------------------------------------------------------------------------

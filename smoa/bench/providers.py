@@ -441,13 +441,15 @@ class Case:
     def check(self) -> tuple[float, int | None]:
         """``(max relative error against the oracle over y and every gradient, bytes saved for backward)``.
 
-        Saved bytes: distinct storages autograd keeps from forward to backward, beyond x and the module's own
-        parameters and buffers (the activation memory a training step holds per layer); ``None`` when merged.
+        Saved bytes: distinct storages autograd keeps from forward to backward, other than the module's own
+        parameters and buffers — the activation memory one layer holds during a training step. The input x counts
+        when it is kept (in a network it is the previous layer's output, freed unless someone saves it); ``None``
+        when merged.
         """
         expected, expected_grads = self._oracle()
         if self.variant == "merged":
             return _relative_error(self.step("inference")(), expected), None
-        resident = {t.untyped_storage().data_ptr() for t in [self.inputs.x, *self.module.parameters()]}
+        resident = {t.untyped_storage().data_ptr() for t in self.module.parameters()}
         resident |= {t.untyped_storage().data_ptr() for t in self.module.buffers()}
         saved: dict[int, int] = {}
 

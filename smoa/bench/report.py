@@ -40,7 +40,7 @@ CSV_COLUMNS = (
     "samples",  # timed samples behind the percentiles (empty for do_bench)
     "peak_mem_mib",  # peak memory allocated by one call, above the level before it
     "mem_kind",  # cuda-max-allocated | cpu-alloc-peak (torch.profiler allocation records)
-    "saved_mib",  # activations autograd keeps for backward beyond x and the weights (training modes)
+    "saved_mib",  # activations autograd keeps for backward (x included when kept; weights excluded), training modes
     "tflops",  # floor FLOPs / median time: useful work per second
     "floor_gflop",  # the provider's FLOP floor for this mode (KERNELS.md §1, smoa.bench.flops)
     "floor_x_frozen",  # floor / frozen floor: the best ratio this method can reach
@@ -179,7 +179,7 @@ def format_table(rows: list[dict]) -> str:
         lines.append(
             f"\n{d_in}->{d_out} (d_in->d_out)  {dtype}  N={tokens}  r={r}  K={num_blocks}  "
             f"on {first.get('device_name')}, threads={first.get('threads')}, load avg {first.get('load_avg_1m')}\n"
-            f"[peak MiB: {kind or 'n/a'}; saved MiB: autograd activations beyond x and W0]"
+            f"[peak MiB: {kind or 'n/a'}; saved MiB: kept for backward, x included, weights not]"
         )
         table = []
         for row in group:

@@ -461,8 +461,8 @@ columns (table and CSV): median and p20/p80 time in ms (CUDA: triton.testing.do_
 torch.utils.benchmark blocked_autorange with all torch threads); x frozen / x lora: median over the frozen / lora
 median of the same mode; floor x: the provider's FLOP floor over frozen's (the best ratio it could reach);
 TFLOP/s: floor FLOPs / median; peak MiB: peak allocated by one call above the level before it (CUDA:
-max_memory_allocated; CPU: torch.profiler allocation records), saved MiB: activations autograd keeps for backward
-beyond x and W0; status: ok | skipped: why | oom | mismatch | error.
+max_memory_allocated; CPU: torch.profiler allocation records), saved MiB: tensors autograd keeps for backward
+(x included when kept, weights and factors not); status: ok | skipped: why | oom | mismatch | error.
 
 FLOP floors (KERNELS.md §1; N tokens, P = d_in*d_out, S = d_in+d_out, ρ = adapter rank,
 P_K = diagonal-block area = P/K when K divides both):
