@@ -143,16 +143,27 @@ def test_trainer_trains_every_factor_and_the_saved_adapter_reloads(minilm, tmp_p
         torch.testing.assert_close(reloaded(**inputs).logits, model.eval()(**inputs).logits, atol=0, rtol=0)
 
 
-def test_transformers_load_adapter_reads_an_smoa_adapter(minilm, tmp_path):
+def test_transformers_load_adapter_reads_an_smoa_adapter(minilm, tmp_path, monkeypatch):
+    import warnings
+
     path, batch = minilm
     model = get_peft_model(minilm_classifier(path), minilm_config(init_weights=False, modules_to_save=None))
     model.save_pretrained(tmp_path)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     base = minilm_classifier(path).eval()
-    base.load_adapter(str(tmp_path))  # transformers' PeftAdapterMixin
+
+    def no_svd(*args, **kwargs):
+        raise AssertionError("loading an SMoA adapter must not recompute the SVD")
+
+    monkeypatch.setattr(torch.linalg, "svd", no_svd)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # in particular not "no orders were loaded; computing them"
+        base.load_adapter(str(tmp_path))  # transformers' PeftAdapterMixin (its own loader, not load_state_dict)
+        with torch.no_grad():
+            out = base(**inputs).logits
     assert sum(isinstance(m, SMoAPeftLinear) for m in base.modules()) == 12
     with torch.no_grad():
-        torch.testing.assert_close(base(**inputs).logits, model.eval()(**inputs).logits, atol=0, rtol=0)
+        torch.testing.assert_close(out, model.eval()(**inputs).logits, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non-reentrant"])

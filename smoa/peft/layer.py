@@ -126,10 +126,9 @@ class SMoALayer(BaseTunerLayer):
         svd_dtype = torch.float64 if config.svd_dtype == "float64" else torch.float32
         self._smoa_order_options[adapter_name] = (config.ordering, config.seed, svd_dtype)
         if getattr(config, "_orders_from_checkpoint", False):
-            # the orders will be loaded with the factors: no SVD now (identity placeholders until then)
+            # the orders will be loaded with the factors: no SVD now (identity placeholders for the init, then -1)
             row_order = torch.arange(self.out_features, device=device)
             col_order = torch.arange(self.in_features, device=device)
-            self._smoa_orders_pending.add(adapter_name)
         else:
             # under DeepSpeed ZeRO-3 (partitioned) or FSDP2 (DTensor shards) the SVD must see the full W0
             with gather_params_ctx(self.get_base_layer().weight):
@@ -148,6 +147,10 @@ class SMoALayer(BaseTunerLayer):
         self.smoa_A[adapter_name] = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=factor_dtype)
         self.smoa_B[adapter_name] = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=factor_dtype)
         self.reset_smoa_parameters(adapter_name, config.init_weights)
+        if getattr(config, "_orders_from_checkpoint", False):  # -1 = "not loaded yet", whichever loader fills them
+            self.smoa_row_order[adapter_name].fill_(-1)
+            self.smoa_col_order[adapter_name].fill_(-1)
+            self._smoa_orders_pending.add(adapter_name)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
@@ -156,7 +159,7 @@ class SMoALayer(BaseTunerLayer):
         """SPEC §2 init: every ``A_k`` kaiming-uniform(a=√5) over its own fan-in |C_k|, ``B_k = 0`` (``init_weights``)
         or kaiming-uniform too (``init_weights=False``). Drawn in fp32 per block, then scattered (SPEC §3)."""
         A, B = self.smoa_A[adapter_name].weight, self.smoa_B[adapter_name].weight
-        rows, cols = self.smoa_row_order[adapter_name], self.smoa_col_order[adapter_name]
+        rows, cols = self._orders(adapter_name)
         rank = A.shape[0]
         blocks = []
         for R_k, C_k in zip(
@@ -187,6 +190,13 @@ class SMoALayer(BaseTunerLayer):
     # ---- orders -------------------------------------------------------------------------------------------------
     def _orders(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         if adapter_name in self._smoa_orders_pending:
+            rows, cols = self.smoa_row_order[adapter_name], self.smoa_col_order[adapter_name]
+            if bool(rows[0] >= 0) and bool(cols[0] >= 0):
+                # a loader that bypasses load_state_dict (transformers' load_adapter) wrote the saved orders
+                validate_order(f"smoa_row_order.{adapter_name}", rows, self.out_features)
+                validate_order(f"smoa_col_order.{adapter_name}", cols, self.in_features)
+                self._smoa_orders_pending.discard(adapter_name)
+                return rows, cols
             # A config read from a checkpoint but no orders loaded (e.g. SMoAConfig(**saved_config) used for a new
             # adapter): fall back to the SVD of the (unmerged) W0, which the adapter was then initialised on.
             if self.merged:
