@@ -245,6 +245,30 @@ def test_from_pretrained_reproduces_outputs_exactly_without_svd(saved, x, monkey
         torch.testing.assert_close(loaded(x), expected, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("options", [{"low_cpu_mem_usage": True}, {"is_trainable": True}], ids=lambda o: next(iter(o)))
+def test_from_pretrained_options(saved, x, options):
+    path, expected = saved
+    loaded = PeftModel.from_pretrained(toy(), path, **options)
+    torch.testing.assert_close(loaded(x), expected, atol=0, rtol=0)
+    trainable = {n for n, p in loaded.named_parameters() if p.requires_grad}
+    assert len(trainable) == (4 if options.get("is_trainable") else 0)
+
+
+def test_one_block_identity_order_is_peft_hira():
+    """SPEC §6: K = 1 with the identity order and s = 1 is HiRA; checked against PEFT's own HiRA."""
+    from peft import HiraConfig
+
+    x = torch.randn(4, 13)
+    smoa = smoa_model(r=4, num_blocks=1, ordering="identity")
+    hira = get_peft_model(toy(), HiraConfig(r=4, target_modules=["lin0", "lin1"]))
+    with torch.no_grad():
+        for name, layer in smoa_layers(smoa).items():
+            hira_layer = hira.get_submodule(name)
+            hira_layer.hira_A["default"].copy_(layer.smoa_A["default"].weight)
+            hira_layer.hira_B["default"].copy_(layer.smoa_B["default"].weight)
+    torch.testing.assert_close(smoa(x), hira(x), atol=ATOL, rtol=0)
+
+
 def test_saved_orders_win_over_a_recomputed_svd(saved, x):
     """A scrambled SVD on the loading machine must not matter: the saved orders are used (SPEC §1.5)."""
     path, _expected = saved
