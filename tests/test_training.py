@@ -186,6 +186,18 @@ def test_activation_checkpointing_gives_the_same_gradients(minilm, use_reentrant
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-5, rtol=1e-4)
 
 
+def test_trainer_gradient_checkpointing_flag_trains_every_factor(minilm, tmp_path):
+    path, batch = minilm
+    model = get_peft_model(minilm_classifier(path), minilm_config())
+    seen = record_nonzero_grads(model)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=3, learning_rate=5e-3, report_to=[],
+        save_strategy="no", use_cpu=True, gradient_checkpointing=True, disable_tqdm=True,
+    )  # fmt: skip
+    transformers.Trainer(model=model, args=args, train_dataset=ListDataset(batch)).train()
+    assert seen == smoa_factor_names(model)
+
+
 @pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("factor_dtype", ["fp32", "half"], ids=["fp32-factors", "half-factors"])
 def test_autocast_over_a_half_precision_base(minilm, amp_dtype, factor_dtype):
