@@ -37,14 +37,16 @@ def cases(inputs):
     return built
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize(("provider", "variant"), CASES, ids=[f"{n}-{v}" if v else n for n, v in CASES])
+PARAMS = [(name, variant, mode) for name, variant in CASES for mode in (("inference",) if variant else MODES)]
+
+
+@pytest.mark.parametrize(
+    ("provider", "variant", "mode"), PARAMS, ids=[f"{n}{'-' + v if v else ''}-{m}" for n, v, m in PARAMS]
+)
 def test_layer(benchmark, cases, provider, variant, mode):
     case = cases[provider, variant]
     if isinstance(case, str):
         pytest.skip(case)
-    if mode not in case.modes:
-        pytest.skip(f"{case.label} is measured in {case.modes} only")
     rank = case.provider.rank(RANK, BLOCKS)
     floor = flop_floor(case.provider.family, mode, TOKENS, D_IN, D_OUT, rank, BLOCKS, merged=variant == "merged")
     benchmark.group = f"{mode} {D_IN}x{D_OUT} N={TOKENS} r={RANK} K={BLOCKS}"

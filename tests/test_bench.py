@@ -230,3 +230,40 @@ def test_tiny_run_writes_csv_and_png(tmp_path, capsys):
     assert main([*again, "--output-dir", str(tmp_path), "--no-plot", "--no-progress"]) == 0
     with open(csv_path) as handle:  # the second run appended under the same header
         assert len(list(csv.DictReader(handle))) == 2 * 18 + 1
+
+
+def test_interrupted_run_still_writes_what_it_measured(tmp_path):
+    def build(inputs, r, num_blocks):
+        raise KeyboardInterrupt
+
+    register_provider(Provider("ctrl-c", "frozen", "interrupts the run", build, lambda r, K: 0, ""))
+    try:
+        result = run_bench(
+            BenchConfig(device="cpu", providers=("frozen", "ctrl-c"), modes=("forward",), output_dir=tmp_path,
+                        plot=False, **TINY),
+            progress=False, log=lambda text: None,
+        )  # fmt: skip
+    finally:
+        del PROVIDERS["ctrl-c"]
+    assert result.interrupted
+    statuses = {row["provider"]: row["status"] for row in result.rows}
+    assert statuses == {"frozen": "interrupted", "ctrl-c": "interrupted"}  # built, never timed
+    with open(tmp_path / "smoa_bench.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == 2
+
+
+def test_device_defaults(monkeypatch):
+    cpu = BenchConfig(device="cpu").resolve()
+    assert (cpu.dtype, cpu.shapes, cpu.tokens, cpu.ranks, cpu.blocks) == (
+        "float32",
+        ((1024, 1024),),
+        (2048,),
+        (32,),
+        (2,),
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # resolve() only: nothing touches a GPU
+    cuda = BenchConfig(device="auto").resolve()
+    assert cuda.device == "cuda" and cuda.dtype == "bfloat16"
+    assert cuda.shapes == ((4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (4096, 1024))
+    assert (cuda.tokens, cuda.ranks, cuda.blocks) == ((512, 2048, 8192, 16384), (8, 32), (1, 2, 4))
+    assert "smoa-triton" in cuda.providers and cuda.modes == ("forward", "backward", "full", "inference")
