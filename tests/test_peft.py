@@ -459,7 +459,7 @@ def test_non_linear_target_raises_and_rolls_back_every_layer():
     with pytest.raises(TypeError, match=r"'norm' is a LayerNorm; SMoA supports torch.nn.Linear"):
         get_peft_model(base, SMoAConfig(r=2, target_modules=["lin0", "lin1", "norm"]))
     assert_unchanged(base, before)
-    assert type(base.lin0) is nn.Linear
+    assert type(base.lin0) is nn.Linear and not hasattr(base, "peft_config")
 
 
 def test_bad_shape_for_num_blocks_names_the_argument_and_rolls_back():
@@ -495,7 +495,7 @@ def test_loading_into_the_wrong_base_fails_clearly_and_leaves_it(saved, x):
     before = state(wrong)
     with pytest.raises(ValueError, match=r"(?s)does not fit this model.*smoa_B\.default\.weight: shape \(10, 2\)"):
         PeftModel.from_pretrained(wrong, path)
-    assert type(wrong.lin0) is nn.Linear and type(wrong.lin1) is nn.Linear
+    assert type(wrong.lin0) is nn.Linear and type(wrong.lin1) is nn.Linear and not hasattr(wrong, "peft_config")
     assert_unchanged(wrong, before)
     # into an existing PeftModel: the new adapter is dropped, the existing one untouched
     model = smoa_model(base=toy(d_in=13, hidden=12))

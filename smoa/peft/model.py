@@ -140,7 +140,9 @@ def _discard_failed_adapter(model: nn.Module, adapter_name: str) -> None:
     if len(model.peft_config) > 1:
         model.delete_adapter(adapter_name)
     else:  # PeftModel.from_pretrained on a bare base model: give the base model back its own layers
-        model.base_model._unload_and_optionally_merge(merge=False)
+        base = model.base_model.unload()
+        if "peft_config" in vars(base):
+            del base.peft_config
 
 
 def _check_checkpoint(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
