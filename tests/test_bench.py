@@ -267,3 +267,23 @@ def test_device_defaults(monkeypatch):
     assert cuda.shapes == ((4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (4096, 1024))
     assert (cuda.tokens, cuda.ranks, cuda.blocks) == ((512, 2048, 8192, 16384), (8, 32), (1, 2, 4))
     assert "smoa-triton" in cuda.providers and cuda.modes == ("forward", "backward", "full", "inference")
+
+
+def test_a_failing_provider_is_an_error_row_not_a_crash():
+    def build(inputs, r, num_blocks):
+        raise TypeError("this provider is broken")
+
+    register_provider(Provider("broken", "frozen", "raises", build, lambda r, K: 0, ""))
+    messages = []
+    try:
+        result = run_bench(
+            BenchConfig(device="cpu", providers=("broken", "frozen"), modes=("forward",), csv=False, plot=False,
+                        **TINY),
+            progress=False, log=messages.append,
+        )  # fmt: skip
+    finally:
+        del PROVIDERS["broken"]
+    statuses = {row["provider"]: row["status"] for row in result.rows}
+    assert statuses == {"broken": "error: TypeError: this provider is broken", "frozen": "ok"}
+    assert [row["provider"] for row in result.failed] == ["broken"]
+    assert any("broken failed" in m for m in messages)

@@ -196,7 +196,7 @@ def _checked_fields(case: Case, modes: tuple[str, ...], check: bool) -> dict[str
             for m in modes}  # fmt: skip
 
 
-def _measure_tasks(tasks: list[_Task], config: BenchConfig, device: torch.device, passes: int, tick) -> None:
+def _measure_tasks(tasks: list[_Task], config: BenchConfig, device: torch.device, passes: int, tick, log) -> None:
     """Time every (task, mode) in ``passes`` interleaved passes (CPU; one pass with ``do_bench`` on CUDA), then
     measure its peak memory once. A failure (e.g. out of memory) becomes that measurement's status."""
     for index in range(passes):
@@ -217,8 +217,10 @@ def _measure_tasks(tasks: list[_Task], config: BenchConfig, device: torch.device
                     if index == passes - 1:
                         memory, kind = peak_memory(fn, device)
                         fields.update(peak_mem_mib=None if memory is None else memory / 2**20, mem_kind=kind)
-                except (torch.OutOfMemoryError, RuntimeError) as failure:
+                except Exception as failure:  # one measurement's failure is its status; the run goes on
                     fields["status"] = _status_of(failure)
+                    if not isinstance(failure, torch.OutOfMemoryError):
+                        log(f"smoa bench: {task.case.label} {mode} failed: {_status_of(failure)}")
                 finally:
                     fn = None
                 tick(1)
@@ -319,7 +321,7 @@ def _run(config: BenchConfig, stdout, progress: bool, log: Callable[[str], None]
                     tasks = _build_group(providers, variants, inputs, inputs_error, unavailable, current, cache,
                                          measurement_key, config.check, log)  # fmt: skip
                     bar.update(per_group * passes - sum(len(task.modes) for task in tasks) * passes)
-                    _measure_tasks(tasks, config, device, passes, bar.update)
+                    _measure_tasks(tasks, config, device, passes, bar.update, log)
                     tasks = None
                     if inputs is not None:
                         inputs.oracle_cache.clear()
@@ -359,7 +361,7 @@ def _build_group(providers, variants, inputs, inputs_error, unavailable, group, 
                 built = built or build_case(provider, inputs, r, num_blocks)
                 case = built if variant == "" else dataclasses.replace(built, variant=variant)
                 cache[key] = _checked_fields(case, modes, check)
-            except (torch.OutOfMemoryError, RuntimeError, ValueError) as error:
+            except Exception as error:  # a provider that cannot be built or checked is reported, not fatal
                 cache[key] = {m: {"status": _status_of(error)} for m in modes}
                 if not isinstance(error, torch.OutOfMemoryError):
                     log(f"smoa bench: {provider.name} failed: {_status_of(error)}")
