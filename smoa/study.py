@@ -117,6 +117,7 @@ def _config(args: argparse.Namespace, method: Method, lr: float, seed: int):
         seed=seed,
         backend=args.backend,
         threads=args.threads,
+        target_modules=tuple(args.target_modules),
     )
 
 
@@ -255,7 +256,7 @@ def run_study(args: argparse.Namespace, log=print) -> dict:
         k: getattr(args, k)
         for k in (
             "dataset", "rank", "train_size", "val_size", "test_size", "epochs", "max_steps", "batch_size", "max_len",
-            "head_lr", "backend", "threads", "seeds", "quick",
+            "head_lr", "backend", "threads", "seeds", "quick", "target_modules",
         )
     }  # fmt: skip
     settings["lr_grid"] = (
@@ -382,7 +383,7 @@ def merge_studies(parts: list[str | Path], out: str | Path, log=print) -> dict:
 
 
 def register(subparsers) -> None:
-    from smoa.finetune import add_training_arguments
+    from smoa.finetune import DEFAULT_TARGETS, add_training_arguments
 
     parser = subparsers.add_parser(
         "study",
@@ -395,10 +396,13 @@ def register(subparsers) -> None:
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank r; the equal-parameter budget is r/2")
     parser.add_argument("--methods", nargs="+", default=None, help=f"subset of {METHODS}")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (quick: 0)")
-    parser.add_argument("--train-size", type=int, default=None, help="default 2000 (quick: 320)")
-    parser.add_argument("--val-size", type=int, default=None, help="default 500 (quick: 200)")
-    parser.add_argument("--test-size", type=int, default=None, help="default 2000 (quick: 400)")
+    parser.add_argument("--train-size", type=int, default=None, help="default 800 (quick: 320)")
+    parser.add_argument("--val-size", type=int, default=None, help="default 250 (quick: 200)")
+    parser.add_argument("--test-size", type=int, default=None, help="default 1000 (quick: 400)")
     parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument(
+        "--target-modules", nargs="+", default=list(DEFAULT_TARGETS), help="default: query key value dense"
+    )
     parser.add_argument("--merge", nargs="+", default=None, metavar="DIR", help="merge studies of disjoint --methods")
     parser.add_argument("--resume", action="store_true", help="keep the finished runs of --out/study.json")
     parser.add_argument("--no-spectra", dest="spectra", action="store_false", help="skip ΔW singular values")
@@ -407,8 +411,13 @@ def register(subparsers) -> None:
     parser.set_defaults(func=_run)
 
 
-QUICK_DEFAULTS = {"seeds": [0], "train_size": 320, "val_size": 200, "test_size": 400, "out": "results/study-quick"}
-FULL_DEFAULTS = {"seeds": [0, 1, 2], "train_size": 2000, "val_size": 500, "test_size": 2000, "out": "results/study"}
+QUICK_DEFAULTS = {
+    "seeds": [0], "train_size": 320, "val_size": 200, "test_size": 400, "batch_size": 16, "out": "results/study-quick",
+}  # fmt: skip
+# sized for about an hour on 2 CPU cores shared with other jobs (see docs/study.md)
+FULL_DEFAULTS = {
+    "seeds": [0, 1, 2], "train_size": 800, "val_size": 250, "test_size": 1000, "batch_size": 16, "out": "results/study",
+}  # fmt: skip
 
 
 def _run(args: argparse.Namespace) -> int:
