@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -257,6 +258,10 @@ def _run(config: BenchConfig, stdout, progress: bool, log: Callable[[str], None]
     for name, reason in unavailable.items():
         if reason:
             log(f"smoa bench: skipping {name}: {reason}")
+    cores, load = os.cpu_count() or 1, env.get("load_avg_1m")
+    if device.type == "cpu" and load is not None and load > cores:
+        log(f"smoa bench: load average {load} on {cores} cores: other processes compete for the CPU and the timings "
+            "will be noisy (--threads 1 is steadier; the load is recorded in the CSV)")  # fmt: skip
 
     def variants(provider):
         yield "", config.modes
