@@ -181,3 +181,18 @@ def test_orders_under_sharding_come_from_the_full_weight(distributed):
         assert full.keys() == sharded.keys() and len(full) == 4
         for name in full:
             assert torch.equal(full[name], sharded[name]), name
+
+
+def test_sharding_a_factor_leaf_on_its_own_is_refused(tmp_path):
+    """fully_shard(smoa_A) alone would hand the layer a sharded weight: the forward says what to shard instead."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = make_model()
+        fully_shard(model.base_model.model.lin0.smoa_A["default"])
+        with pytest.raises(RuntimeError, match="FSDP-wrapped on their own"):
+            model(torch.randn(2, 16))
+    finally:
+        dist.destroy_process_group()

@@ -36,6 +36,13 @@ from .config import SMoAConfig
 
 __all__ = ["Linear", "SMoALayer", "dispatch_default"]
 
+try:  # FSDP wrappers a factor leaf must not be: the layer reads the factors' weights directly
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    _FSDP_WRAPPERS: tuple[type, ...] = (FSDPModule, FullyShardedDataParallel)
+except ImportError:  # torch built without distributed
+    _FSDP_WRAPPERS = ()
+
 
 def _modulated_weight(original: torch.Tensor, modulation: torch.Tensor):
     """``W0 ⊙ (1 + s·P)`` in W0's dtype, plus the flat indices and original values of the entries that a later
@@ -332,6 +339,12 @@ class Linear(nn.Module, SMoALayer):
         weight = self._base_weight()
         result = None
         for name in active:
+            if _FSDP_WRAPPERS and isinstance(self.smoa_A[name], _FSDP_WRAPPERS):
+                raise RuntimeError(
+                    "the SMoA factor modules smoa_A/smoa_B are FSDP-wrapped on their own; the SMoA layer reads their "
+                    "weights directly (ΔW = (BA) ⊙ W0), so shard the enclosing SMoA layer or decoder layer instead "
+                    "(e.g. accelerate's TRANSFORMER_BASED_WRAP, not peft's fsdp_auto_wrap_policy)"
+                )
             rows, cols = self._orders(name)
             x_adapter = self.smoa_dropout[name](x)
             if result is None:  # y = x W0ᵀ + b + s·x_a ΔWᵀ in one call
