@@ -586,3 +586,17 @@ def test_target_selection_options_follow_lora():
         "h.0.attn.c_attn", "h.1.attn.c_attn", "h.0.mlp.c_fc", "h.1.mlp.c_fc"
     }  # fmt: skip
     assert targets(target_modules=["c_attn"], layers_to_transform=[1], layers_pattern="h") == {"h.1.attn.c_attn"}
+
+
+def test_smoa_peft_imports_without_peft():
+    """``import smoa.peft`` (which ``import smoa`` may run) must not fail where the [peft] extra is not installed."""
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["peft"] = None  # makes `import peft` raise ImportError
+        import smoa.peft
+        assert smoa.peft.PEFT_AVAILABLE is False and isinstance(smoa.peft.PEFT_IMPORT_ERROR, ImportError)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
