@@ -9,6 +9,10 @@ from smoa.layer import SMoALinear
 from smoa.model import apply_smoa, merge_smoa, smoa_layers
 from smoa.partition import ORDERINGS, compute_orders, spectral_orders, spectral_scores
 
+# isort: split
+# Registers "SMOA" as a PEFT method when peft is installed (imports as empty without it, never fails).
+from smoa import peft  # noqa: F401  (after the core: smoa.peft builds on it)
+
 __version__ = "0.1.0"
 
 __all__ = [
