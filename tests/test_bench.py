@@ -287,3 +287,17 @@ def test_a_failing_provider_is_an_error_row_not_a_crash():
     assert statuses == {"broken": "error: TypeError: this provider is broken", "frozen": "ok"}
     assert [row["provider"] for row in result.failed] == ["broken"]
     assert any("broken failed" in m for m in messages)
+
+
+@pytest.mark.parametrize("provider", ["smoa-triton", "smoa-triton-mw"])
+def test_triton_providers_are_wired_right_under_the_interpreter(monkeypatch, tiny_inputs, provider):
+    """The CUDA-only rows cannot be timed here, but their wiring (backend choice, the merged_weight fast path) is
+    checked against the oracle with the Triton interpreter on the CPU."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from smoa.backends import available_backends
+
+    if not available_backends()["triton"][0]:
+        pytest.skip(available_backends()["triton"][1])
+    error, saved = build_case(provider, tiny_inputs, r=4, num_blocks=2).check()
+    assert error <= 1e-5 and saved is not None
