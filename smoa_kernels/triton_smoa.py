@@ -46,8 +46,9 @@ Design, from ../shared/KERNELS.md's cost model:
   error of the adapter term ≈ one ulp of that dtype, never relative to W0 — unlike merging ΔW into W0 first). With
   16-bit activations the factor tiles are rounded to the activation dtype for the rank-r_k product. The factor
   gradient's epilogue (H and its contraction with the factors) runs in fp32 with ``input_precision="ieee"``. For fp32
-  activations the dots honour ``torch.backends.cuda.matmul.allow_tf32`` (TF32 when True, exact fp32 otherwise; the
-  interpreter is always exact). Results are cast to the input dtype (outputs, dX) and the factors' dtype (dÂ, dB̂).
+  activations the dots honour ``torch.backends.cuda.matmul.allow_tf32``: one TF32 dot when True, three ("tf32x3",
+  fp32-level error) when False — an FMA-based "ieee" dot spills in every tile tried. The interpreter is always exact.
+  Results are cast to the input dtype (outputs, dX) and the factors' dtype (dÂ, dB̂).
 * **Opt-in fast path** (``merged_weight=True``, exact only up to rounding when x_a is x): the kernel forms
   ``W_eff = W0 + s·ΔW`` in registers and issues ONE dot per tile (2·N·D² per pass, the frozen layer's cost plus the
   rank regeneration). Rounding W_eff to bf16 drops relative updates below ≈2⁻⁹ of W0, so it is never the default.
@@ -343,10 +344,11 @@ KERNEL_CONFIGS: dict[str, list[dict]] = {
         {"BLOCK_O": 128, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 4, "num_stages": 3, "dtypes": _HALF},
         {"BLOCK_O": 128, "BLOCK_N": 128, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 8, "num_stages": 3, "dtypes": _HALF},
     ],
-    # 4 warps spill on sm_80 (the fp32 epilogue contractions); 64×128 spills 4–8 bytes and 128×128 about 1 KB.
+    # 4 warps spill on sm_80 (the fp32 epilogue contractions); 64×128 spills 4–8 bytes, 128×128 about 1 KB, and
+    # 128×64 spills 16 bytes with fp32 activations (3×TF32) on sm_80.
     "factor_grad": [
         {"BLOCK_O": 64, "BLOCK_C": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3},
-        {"BLOCK_O": 128, "BLOCK_C": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_O": 128, "BLOCK_C": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3, "dtypes": _HALF},
     ],
 }
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "dtypes")

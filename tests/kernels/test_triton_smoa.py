@@ -25,8 +25,9 @@ ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 
 # Relative error bound (max abs error / max abs value) against the fp64 reference, keyed by (activation, factor)
-# dtype. fp32: reassociation only (the GPU path runs with TF32 off, torch's default). 16-bit: rounding of the
-# output, of the generated ΔW tile and (for fp32 factors) of the factor tiles to the activation dtype.
+# dtype. fp32: reassociation only (exact in the interpreter; on a GPU with torch's default allow_tf32=False the dots
+# are 3×TF32, fp32-level error). 16-bit: rounding of the output, of the generated ΔW tile and (for fp32 factors) of the
+# factor tiles to the activation dtype. TF32 (allow_tf32=True, GPU only): 10-bit mantissa products.
 TOLERANCES: dict[tuple[torch.dtype, torch.dtype], float] = {
     (torch.float32, torch.float32): 2e-5,
     (torch.float16, torch.float16): 2e-3,
@@ -34,6 +35,7 @@ TOLERANCES: dict[tuple[torch.dtype, torch.dtype], float] = {
     (torch.bfloat16, torch.bfloat16): 1.6e-2,
     (torch.bfloat16, torch.float32): 1.6e-2,
 }
+TF32_TOLERANCE = 5e-3
 DTYPES = [(torch.float32, torch.float32), (torch.float16, torch.float16), (torch.float16, torch.float32)]
 if ON_GPU:
     DTYPES += [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)]
@@ -265,6 +267,14 @@ def test_traceable_block_ids_match_blocks(n, K):
 
     order = torch.randperm(n, generator=torch.Generator().manual_seed(n))
     assert torch.equal(triton_smoa.traceable_block_ids(order, K), block_ids(order, K))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="TF32 exists on GPUs only; the interpreter computes exact fp32")
+def test_tf32_follows_allow_tf32(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    problem = _make_inputs((300,), 256, 200, 2, 16, True, True, "contiguous", torch.float32, torch.float32)
+    expected = _run(smoa_linear_reference, problem, dtype=torch.float64, device="cpu")
+    _assert_matches(_run(smoa_linear_triton, problem), expected, TF32_TOLERANCE)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="autocast of CUDA tensors needs a GPU")
