@@ -19,7 +19,45 @@ from smoa.backends import check_backend_name, smoa_linear
 from smoa.partition import ORDERINGS, compute_orders, validate_order
 from smoa_kernels.reference import blocks_to_lora, dense_delta_weight, lora_to_blocks
 
-__all__ = ["SMoALinear", "check_smoa_arguments"]
+__all__ = ["SMoALinear", "check_smoa_arguments", "modulated_merge", "modulated_unmerge", "smoa_modulation"]
+
+
+def smoa_modulation(weight: torch.Tensor, adapters) -> torch.Tensor:
+    """``1 + Σ_a s_a·P_a`` (SPEC §5, d_out×d_in, in at least fp32) with ``P_a = (B̂_a Â_a) ⊙ blockmask_a``, so that
+    merging every adapter gives ``W0 ⊙ (1 + Σ s·P) = W0 + Σ s·ΔW``.
+
+    ``adapters``: iterable of ``(scale, lora_A, lora_B, row_order, col_order, num_blocks)``.
+    """
+    adapters = list(adapters)
+    dtype = torch.promote_types(adapters[0][1].dtype, torch.float32)
+    ones = torch.ones(weight.shape, dtype=dtype, device=weight.device)
+    modulation = ones.clone()
+    for scale, lora_A, lora_B, row_order, col_order, num_blocks in adapters:
+        P = dense_delta_weight(ones, lora_A.to(dtype), lora_B.to(dtype), row_order, col_order, num_blocks)
+        modulation += scale * P
+    return modulation
+
+
+def modulated_merge(original: torch.Tensor, modulation: torch.Tensor):
+    """``(W0 ⊙ modulation in W0's dtype, lost_index, lost_value)``.
+
+    The multiplicative form makes the unmerge a division that keeps W0's relative precision; the entries a division
+    cannot recover (zero, subnormal or non-finite after the merge, e.g. where the modulation is 0) are returned as
+    flat indices and original values so that :func:`modulated_unmerge` restores them exactly.
+    """
+    merged = (original.to(modulation.dtype) * modulation).to(original.dtype)
+    lost = (~torch.isfinite(merged) | (merged.abs() < torch.finfo(original.dtype).tiny)) & (original != 0)
+    index = lost.flatten().nonzero().squeeze(1)
+    return merged, index, original.flatten()[index].clone()
+
+
+def modulated_unmerge(merged: torch.Tensor, modulation: torch.Tensor, lost_index, lost_value) -> torch.Tensor:
+    """Inverse of :func:`modulated_merge`: W0 to rounding, exactly at the kept entries (a zero W0 stays zero)."""
+    restored = torch.where(modulation == 0, torch.zeros_like(modulation), merged.to(modulation.dtype) / modulation)
+    restored = restored.to(merged.dtype).flatten()
+    if lost_index is not None:
+        restored[lost_index] = lost_value
+    return restored.view_as(merged)
 
 
 def check_smoa_arguments(
@@ -220,11 +258,8 @@ class SMoALinear(nn.Module):
 
     # ---- ΔW and merge -------------------------------------------------------------------------------------------
     def _modulation(self) -> torch.Tensor:
-        """``1 + s·P`` with ``P = (B̂Â) ⊙ blockmask`` (SPEC §5), in at least fp32: ``W_merged = W0 ⊙ (1 + s·P)``."""
-        dtype = torch.promote_types(self.smoa_A.weight.dtype, torch.float32)
-        ones = torch.ones(self.weight.shape, dtype=dtype, device=self.weight.device)
-        A, B = self.smoa_A.weight.to(dtype), self.smoa_B.weight.to(dtype)
-        return 1 + self.scale * dense_delta_weight(ones, A, B, self.row_order, self.col_order, self.num_blocks)
+        return smoa_modulation(self.weight, [(self.scale, self.smoa_A.weight, self.smoa_B.weight, self.row_order,
+                                              self.col_order, self.num_blocks)])  # fmt: skip
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
@@ -240,21 +275,13 @@ class SMoALinear(nn.Module):
     def merge(self) -> None:
         """``W0 ← W0 ⊙ (1 + s·P) = W0 + s·ΔW``: inference then costs exactly a plain linear layer.
 
-        The multiplicative form makes :meth:`unmerge` a division that keeps W0's relative precision; the entries
-        whose merged value cannot be divided back (zero, subnormal or non-finite after the merge, e.g. where
-        ``1 + s·P = 0``) are kept aside so that unmerge restores them exactly.
+        Unmerge divides back (see :func:`modulated_merge`): W0 to rounding, exactly where a division cannot.
         """
         if self.merged:
             return
-        modulation = self._modulation()
-        original = self.weight.detach()
-        merged = (original.to(modulation.dtype) * modulation).to(original.dtype)
-        tiny = torch.finfo(original.dtype).tiny
-        lost = (~torch.isfinite(merged) | (merged.abs() < tiny)) & (original != 0)
-        index = lost.flatten().nonzero().squeeze(1)
-        self._merge_lost_index = index
-        self._merge_lost_value = original.flatten()[index].clone()
+        merged, lost_index, lost_value = modulated_merge(self.weight.detach(), self._modulation())
         self.weight.copy_(merged)
+        self._merge_lost_index, self._merge_lost_value = lost_index, lost_value
         self.merged = True
 
     @torch.no_grad()
@@ -262,12 +289,10 @@ class SMoALinear(nn.Module):
         """Restore W0 after :meth:`merge`, to rounding (exactly where the merge had to keep the original)."""
         if not self.merged:
             return
-        modulation = self._modulation()
-        merged = self.weight.detach().to(modulation.dtype)
-        restored = torch.where(modulation == 0, torch.zeros_like(merged), merged / modulation)
-        restored = restored.to(self.weight.dtype).flatten()
-        restored[self._merge_lost_index] = self._merge_lost_value
-        self.weight.copy_(restored.view_as(self.weight))
+        original = modulated_unmerge(
+            self.weight.detach(), self._modulation(), self._merge_lost_index, self._merge_lost_value
+        )
+        self.weight.copy_(original)
         self._merge_lost_index = self._merge_lost_value = None
         self.merged = False
 

@@ -28,7 +28,7 @@ from peft.utils.integrations import gather_params_ctx
 from transformers.pytorch_utils import Conv1D
 
 from smoa.backends import smoa_linear
-from smoa.layer import check_smoa_arguments
+from smoa.layer import check_smoa_arguments, modulated_merge, modulated_unmerge, smoa_modulation
 from smoa.partition import compute_orders, validate_order
 from smoa_kernels.reference import blocks_to_lora, dense_delta_weight
 
@@ -42,24 +42,6 @@ try:  # FSDP wrappers a factor leaf must not be: the layer reads the factors' we
     _FSDP_WRAPPERS: tuple[type, ...] = (FSDPModule, FullyShardedDataParallel)
 except ImportError:  # torch built without distributed
     _FSDP_WRAPPERS = ()
-
-
-def _modulated_weight(original: torch.Tensor, modulation: torch.Tensor):
-    """``W0 ⊙ (1 + s·P)`` in W0's dtype, plus the flat indices and original values of the entries that a later
-    division cannot recover (zero, subnormal or non-finite after the merge). Same rule as ``SMoALinear.merge``."""
-    merged = (original.to(modulation.dtype) * modulation).to(original.dtype)
-    lost = (~torch.isfinite(merged) | (merged.abs() < torch.finfo(original.dtype).tiny)) & (original != 0)
-    index = lost.flatten().nonzero().squeeze(1)
-    return merged, index, original.flatten()[index].clone()
-
-
-def _demodulated_weight(merged: torch.Tensor, modulation: torch.Tensor, lost_index, lost_value) -> torch.Tensor:
-    """Inverse of :func:`_modulated_weight` (the rule of ``SMoALinear.unmerge``)."""
-    restored = torch.where(modulation == 0, torch.zeros_like(modulation), merged.to(modulation.dtype) / modulation)
-    restored = restored.to(merged.dtype).flatten()
-    if lost_index is not None:
-        restored[lost_index] = lost_value
-    return restored.view_as(merged)
 
 
 class SMoALayer(BaseTunerLayer):
@@ -234,17 +216,12 @@ class SMoALayer(BaseTunerLayer):
 
     # ---- ΔW and merge -------------------------------------------------------------------------------------------
     def _modulation(self, adapter_names: list[str]) -> torch.Tensor:
-        """``1 + Σ_a s_a·P_a`` (d_out×d_in) in at least fp32, ``P_a = (B̂Â) ⊙ blockmask`` (SPEC §5)."""
-        W0 = self._base_weight()
-        dtype = torch.promote_types(self.smoa_A[adapter_names[0]].weight.dtype, torch.float32)
-        ones = torch.ones(W0.shape, dtype=dtype, device=W0.device)
-        modulation = ones.clone()
-        for name in adapter_names:
-            rows, cols = self._orders(name)
-            A = self.smoa_A[name].weight.to(dtype)
-            B = self.smoa_B[name].weight.to(dtype)
-            modulation += self.scaling[name] * dense_delta_weight(ones, A, B, rows, cols, self.num_blocks[name])
-        return modulation
+        """``1 + Σ_a s_a·P_a`` over ``adapter_names`` (see :func:`smoa.layer.smoa_modulation`)."""
+        return smoa_modulation(
+            self._base_weight(),
+            [(self.scaling[name], self.smoa_A[name].weight, self.smoa_B[name].weight, *self._orders(name),
+              self.num_blocks[name]) for name in adapter_names],
+        )  # fmt: skip
 
     @torch.no_grad()
     def _original_weight(self) -> torch.Tensor:
@@ -252,7 +229,7 @@ class SMoALayer(BaseTunerLayer):
         if not self.merged:
             return self._base_weight().detach()
         lost = self._smoa_merge_lost or (None, None)
-        return _demodulated_weight(self._base_weight().detach(), self._modulation(self.merged_adapters), *lost)
+        return modulated_unmerge(self._base_weight().detach(), self._modulation(self.merged_adapters), *lost)
 
     @torch.no_grad()
     def _write_base_weight(self, weight: torch.Tensor) -> None:
@@ -281,7 +258,7 @@ class SMoALayer(BaseTunerLayer):
         with torch.no_grad():
             original = self._original_weight()
             all_names = self.merged_adapters + adapter_names
-            merged, lost_index, lost_value = _modulated_weight(original, self._modulation(all_names))
+            merged, lost_index, lost_value = modulated_merge(original, self._modulation(all_names))
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(
                     f"NaNs detected in the merged weights. The adapter {', '.join(adapter_names)} seems to be broken"
