@@ -484,6 +484,8 @@ def _gemm(
     out = torch.empty((n_rows, d_out), dtype=x.dtype, device=x.device)
     if n_rows == 0:
         return out
+    if rank == 0:  # r_k = 0: every factor load is masked; give the kernel a real (non-null) pointer anyway
+        out_factor = red_factor = torch.zeros((1, 1), dtype=out_factor.dtype, device=x.device)
     xa = x if x_adapter is None else x_adapter
 
     def grid(meta):
