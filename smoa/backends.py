@@ -7,12 +7,15 @@ pure-PyTorch path (:mod:`smoa_kernels.blockwise`); ``triton`` — the fused kern
 The active name comes from, in order: a layer's own ``backend=`` argument, the innermost :func:`use_backend` context,
 the ``SMOA_BACKEND`` environment variable, and ``"auto"``. A backend asked for by name is used or an error is
 raised — never a silent fallback.
+
+:func:`use_backend` is process-wide (like ``torch.backends`` flags), not per thread: the active name is a plain module
+global, which ``torch.compile`` reads and guards on — a compiled model recompiles when the backend changes, with no
+graph break (a ``contextvars.ContextVar`` would break the graph at every SMoA layer).
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
 from collections.abc import Callable, Iterator
 
@@ -22,7 +25,7 @@ __all__ = ["BACKENDS", "available_backends", "get_backend", "resolve_backend", "
 
 BACKENDS = ("reference", "torch", "triton", "auto")
 ENV_VAR = "SMOA_BACKEND"
-_active: contextvars.ContextVar[str | None] = contextvars.ContextVar("smoa_backend", default=None)
+_active: list[str] = []  # the use_backend stack, innermost last
 
 
 def check_backend_name(name: str, argument: str = "backend") -> str:
@@ -33,9 +36,8 @@ def check_backend_name(name: str, argument: str = "backend") -> str:
 
 def get_backend() -> str:
     """The backend name in force here: the innermost :func:`use_backend`, else ``$SMOA_BACKEND``, else ``auto``."""
-    name = _active.get()
-    if name is not None:
-        return name
+    if _active:
+        return _active[-1]
     env = os.environ.get(ENV_VAR)
     if env:
         return check_backend_name(env.strip(), argument=ENV_VAR)
@@ -45,11 +47,11 @@ def get_backend() -> str:
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[str]:
     """Context manager: compute every SMoA layer without its own ``backend=`` with ``name`` inside the block."""
-    token = _active.set(check_backend_name(name))
+    _active.append(check_backend_name(name))
     try:
         yield name
     finally:
-        _active.reset(token)
+        _active.pop()
 
 
 def _triton_status() -> tuple[bool, str]:

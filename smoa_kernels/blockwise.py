@@ -40,16 +40,19 @@ def _blocks(weight, lora_A, lora_B, row_order, col_order, num_blocks, scale):
 
 
 class SMoABlockwiseFunction(torch.autograd.Function):
-    """2-D autograd.Function. When ``x_adapter is x`` (no dropout) the whole input gradient is returned on ``x``."""
+    """2-D autograd.Function. ``x_adapter=None`` means ``x`` itself (no dropout): the whole input gradient is then
+    returned on ``x`` (Dynamo cannot trace a Function given the same tensor twice)."""
 
     @staticmethod
     def forward(ctx, x, x_adapter, weight, bias, lora_A, lora_B, row_order, col_order, num_blocks, scale):
+        ctx.same_input = x_adapter is None
+        x_adapter = x if x_adapter is None else x_adapter
         out = F.linear(x, weight, bias)
         for R_k, C_k, A_k, B_k, anchor in _blocks(weight, lora_A, lora_B, row_order, col_order, num_blocks, scale):
             x_k = x_adapter.index_select(1, C_k).to(lora_A.dtype)
             out.index_add_(1, R_k, (x_k @ ((B_k @ A_k) * anchor).T).to(out.dtype))
         ctx.save_for_backward(x_adapter, weight, lora_A, lora_B, row_order, col_order)
-        ctx.num_blocks, ctx.scale, ctx.same_input = num_blocks, scale, x_adapter is x
+        ctx.num_blocks, ctx.scale = num_blocks, scale
         device = x.device.type  # backward runs under the forward's autocast state (what custom_bwd does, any device)
         ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         return out
@@ -64,6 +67,7 @@ class SMoABlockwiseFunction(torch.autograd.Function):
     def _backward(ctx, grad_out):
         x_adapter, weight, lora_A, lora_B, row_order, col_order = ctx.saved_tensors
         need_x, need_xa, _, need_b, need_A, need_B = ctx.needs_input_grad[:6]
+        need_xa = need_xa or (ctx.same_input and need_x)
         grad_x = grad_out @ weight if need_x else None
         grad_bias = grad_out.sum(0) if need_b else None
         grad_xa = grad_A = grad_B = None
@@ -94,8 +98,7 @@ def smoa_linear_blockwise(x, x_adapter, weight, bias, lora_A, lora_B, row_order,
     """Same signature and result as :func:`smoa_kernels.reference.smoa_linear_reference`, any leading dims."""
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
-    # keep "x_adapter is x" visible to the Function when there is no dropout
-    xa2d = x2d if x_adapter is x else x_adapter.reshape(-1, x.shape[-1])
+    xa2d = None if x_adapter is x else x_adapter.reshape(-1, x.shape[-1])
     y = SMoABlockwiseFunction.apply(
         x2d, xa2d, weight, bias, lora_A, lora_B, row_order, col_order, num_blocks, float(scale)
     )

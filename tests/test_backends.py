@@ -68,3 +68,24 @@ def test_unavailable_triton_raises_instead_of_falling_back(monkeypatch):
     # auto never picks an unavailable backend
     assert backends.resolve_backend("auto", torch.device("cuda")) == "torch"
     assert smoa.available_backends()["triton"] == (False, "no GPU in this test")
+
+
+def test_compiled_layer_follows_use_backend_without_graph_breaks(monkeypatch):
+    # the active backend is a plain global: Dynamo guards on it (recompiles on change) instead of breaking the graph
+    monkeypatch.delenv("SMOA_BACKEND", raising=False)
+    calls = []
+    real = backends._implementation
+    monkeypatch.setattr(backends, "_implementation", lambda name: calls.append(name) or real(name))
+    layer = SMoALinear.from_linear(nn.Linear(8, 6), r=2, num_blocks=2, init_weights=False)
+    x = torch.randn(3, 8)
+    torch._dynamo.reset()
+    with smoa.use_backend("torch"):
+        explanation = torch._dynamo.explain(layer)(x)
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+    compiled = torch.compile(layer, backend="eager")
+    with smoa.use_backend("reference"):
+        y_ref = compiled(x)
+    with smoa.use_backend("torch"):
+        y_torch = compiled(x)
+    assert calls[-2:] == ["reference", "torch"]  # traced anew for each backend, not frozen at the first
+    torch.testing.assert_close(y_torch, y_ref)

@@ -70,11 +70,6 @@ def test_no_graph_break_inside_the_smoa_layer(model):
     with use_backend("torch"):
         explanation = torch._dynamo.explain(model)(x)
     reasons = [reason.reason for reason in explanation.break_reasons]
-    if reasons and all("ContextVar" in reason for reason in reasons):
-        pytest.xfail(
-            "smoa.backends.get_backend() reads a contextvars.ContextVar, which Dynamo cannot trace (one break per "
-            "SMoA layer); the blockwise autograd.Function itself traces with fullgraph=True"
-        )
     assert explanation.graph_break_count == 0, reasons
 
 
