@@ -247,6 +247,7 @@ def _smoa_factor_grad_kernel(
     stride_dbp_t,
     DOT_PRECISION: tl.constexpr,
     RANK_PAD: tl.constexpr,
+    RANK_CHUNK: tl.constexpr,
     BLOCK_O: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -301,26 +302,44 @@ def _smoa_factor_grad_kernel(
     tile_mask = mask_o[:, None] & mask_c[None, :]
     anchor = tl.load(W + rows[:, None] * stride_wo + cols[None, :] * stride_wc, mask=tile_mask, other=0.0)
     h = acc * anchor.to(tl.float32) * scale
-    offs_t = tl.arange(0, RANK_PAD)
-    mask_t = offs_t < rank
-    a = tl.load(
-        A + offs_t[:, None] * stride_at + cols[None, :] * stride_ac, mask=mask_t[:, None] & mask_c[None, :], other=0.0
-    ).to(tl.float32)
-    b = tl.load(
-        B + rows[:, None] * stride_bo + offs_t[None, :] * stride_bt, mask=mask_o[:, None] & mask_t[None, :], other=0.0
-    ).to(tl.float32)
-    grad_b = tl.dot(h, tl.trans(a), input_precision="ieee")
-    grad_a = tl.dot(tl.trans(b), h, input_precision="ieee")
-    tl.store(
-        DB_PART + pid_c.to(tl.int64) * stride_dbp_tile + rows[:, None] * stride_dbp_o + offs_t[None, :] * stride_dbp_t,
-        grad_b,
-        mask=mask_o[:, None] & mask_t[None, :],
-    )
-    tl.store(
-        DA_PART + pid_o.to(tl.int64) * stride_dap_tile + offs_t[:, None] * stride_dap_t + cols[None, :] * stride_dap_c,
-        grad_a,
-        mask=mask_t[:, None] & mask_c[None, :],
-    )
+    # The contractions walk the rank in chunks of RANK_CHUNK (16, the smallest dot) so the operand tiles do not grow
+    # with r_k. For the common r_k <= 16 the bound is a constant and the single-iteration loop folds away (a real
+    # loop, or several unrolled chunks, costs registers and spills).
+    if RANK_PAD == RANK_CHUNK:
+        rank_stop = RANK_CHUNK
+    else:
+        rank_stop = rank
+    for t_start in range(0, rank_stop, RANK_CHUNK):
+        offs_t = t_start + tl.arange(0, RANK_CHUNK)
+        mask_t = offs_t < rank
+        a = tl.load(
+            A + offs_t[:, None] * stride_at + cols[None, :] * stride_ac,
+            mask=mask_t[:, None] & mask_c[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        b = tl.load(
+            B + rows[:, None] * stride_bo + offs_t[None, :] * stride_bt,
+            mask=mask_o[:, None] & mask_t[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        grad_b = tl.dot(h, tl.trans(a), input_precision="ieee")
+        grad_a = tl.dot(tl.trans(b), h, input_precision="ieee")
+        tl.store(
+            DB_PART
+            + pid_c.to(tl.int64) * stride_dbp_tile
+            + rows[:, None] * stride_dbp_o
+            + offs_t[None, :] * stride_dbp_t,
+            grad_b,
+            mask=mask_o[:, None] & mask_t[None, :],
+        )
+        tl.store(
+            DA_PART
+            + pid_o.to(tl.int64) * stride_dap_tile
+            + offs_t[:, None] * stride_dap_t
+            + cols[None, :] * stride_dap_c,
+            grad_a,
+            mask=mask_t[:, None] & mask_c[None, :],
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -344,14 +363,23 @@ KERNEL_CONFIGS: dict[str, list[dict]] = {
         {"BLOCK_O": 128, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 4, "num_stages": 3, "dtypes": _HALF},
         {"BLOCK_O": 128, "BLOCK_N": 128, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 8, "num_stages": 3, "dtypes": _HALF},
     ],
-    # 4 warps spill on sm_80 (the fp32 epilogue contractions); 64×128 spills 4–8 bytes, 128×128 about 1 KB, and
-    # 128×64 spills 16 bytes with fp32 activations (3×TF32) on sm_80.
+    # 4 warps spill on sm_80 (the fp32 epilogue contractions); 64×128 spills 4–8 bytes, 128×128 about 1 KB, 128×64
+    # spills 16 bytes with fp32 activations (3×TF32) on sm_80 and, for r_k > 16 (the rank loop), in 16-bit too;
+    # 64×64 with BLOCK_N = 32 spills 4 bytes on sm_90 for r_k > 16. "max_rank" restricts an entry to r_k <= max_rank.
     "factor_grad": [
-        {"BLOCK_O": 64, "BLOCK_C": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3},
-        {"BLOCK_O": 128, "BLOCK_C": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3, "dtypes": _HALF},
+        {"BLOCK_O": 64, "BLOCK_C": 64, "BLOCK_N": 16, "num_warps": 8, "num_stages": 3},
+        {
+            "BLOCK_O": 128,
+            "BLOCK_C": 64,
+            "BLOCK_N": 32,
+            "num_warps": 8,
+            "num_stages": 3,
+            "dtypes": _HALF,
+            "max_rank": 16,
+        },
     ],
 }
-_LAUNCH_OPTIONS = ("num_warps", "num_stages", "dtypes")
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "dtypes", "max_rank")
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _RAW_KERNELS = {"gemm": _smoa_gemm_kernel, "factor_grad": _smoa_factor_grad_kernel}
 _AUTOTUNE_KEYS = {"gemm": ["d_out", "d_red", "n_bucket", "rank"], "factor_grad": ["d_out", "d_in", "n_bucket", "rank"]}
@@ -392,12 +420,17 @@ def _autotuned_kernel(name: str):
     configs = []
     for entry in KERNEL_CONFIGS[name]:
         config = triton.Config(config_meta(entry), num_warps=entry["num_warps"], num_stages=entry["num_stages"])
-        config.smoa_dtypes = config_dtypes(entry)
+        config.smoa_dtypes, config.smoa_max_rank = config_dtypes(entry), entry.get("max_rank")
         configs.append(config)
 
     def prune(configs, named_args, **kwargs):
         dtype = _DTYPE_NAMES[named_args[_ACTIVATION_ARG[name]].dtype]
-        return [config for config in configs if dtype in config.smoa_dtypes]
+        rank = named_args["rank"]
+        return [
+            config
+            for config in configs
+            if dtype in config.smoa_dtypes and (config.smoa_max_rank is None or rank <= config.smoa_max_rank)
+        ]
 
     return triton.autotune(
         configs=configs,
@@ -408,8 +441,13 @@ def _autotuned_kernel(name: str):
 
 
 def default_config(name: str, dtype: torch.dtype) -> dict:
-    """The single config of kernel ``name`` for activations of ``dtype``: the first entry shipped for that dtype."""
-    return next(entry for entry in KERNEL_CONFIGS[name] if _DTYPE_NAMES[dtype] in config_dtypes(entry))
+    """The single config of kernel ``name`` for activations of ``dtype``: the first entry shipped for that dtype (and
+    for every rank)."""
+    return next(
+        entry
+        for entry in KERNEL_CONFIGS[name]
+        if _DTYPE_NAMES[dtype] in config_dtypes(entry) and "max_rank" not in entry
+    )
 
 
 def _launch(name: str, grid, *args, **constexprs) -> None:
@@ -599,6 +637,7 @@ def _factor_grads(
         db_part.stride(2),
         DOT_PRECISION=_dot_precision(grad_out.dtype),
         RANK_PAD=_rank_pad(rank),
+        RANK_CHUNK=_MIN_DOT,
     )
     return da_part.sum(0).to(lora_A.dtype), db_part.sum(0).to(lora_B.dtype)
 

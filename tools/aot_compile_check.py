@@ -3,9 +3,11 @@
 Compiles every kernel of :mod:`smoa_kernels.triton_smoa` in every config of ``KERNEL_CONFIGS``, every launch variant
 (forward, forward with dropout, merged forward, dX, dX_a, factor gradient) and every dtype combination the launchers
 accept, with the specialisation the JIT would use for contiguous tensors (unit strides as constants, 16-divisible
-pointers and leading strides). Registers and spills come from ``ptxas-blackwell -v`` (shipped with Triton in
-``triton/backends/nvidia/bin``; Triton 3.9 emits PTX 9.4, which only that ptxas reads) on the generated PTX; shared
-memory from the compiled metadata; "wgmma" says whether the sm_90 PTX uses Hopper's warpgroup MMA.
+pointers and leading strides) and the rank padded to 16 (r_k <= 16); plus the rank padded to 64 (GEMM) / 32 (the
+factor gradient's rank loop) for forward, dX and factor gradient in fp32, TF32 and bf16. Registers and spills come
+from ``ptxas-blackwell -v`` (shipped with Triton in ``triton/backends/nvidia/bin``; Triton 3.9 emits PTX 9.4, which
+only that ptxas reads) on the generated PTX; shared memory from the compiled metadata; "wgmma" says whether the sm_90
+PTX uses Hopper's warpgroup MMA.
 
 Exit status: 0 when everything compiles without spills, 1 on any compile error, spill, or shared-memory request above
 the arch's limit (a config that spills is pruned from ``KERNEL_CONFIGS`` rather than shipped).
@@ -49,7 +51,12 @@ GEMM_VARIANTS = {
     "dx": {"HAS_BASE": True, "XA_IS_X": True, "HAS_BIAS": False, "MERGED": False, "transpose": True},
     "dx_adapter": {"HAS_BASE": False, "XA_IS_X": True, "HAS_BIAS": False, "MERGED": False, "transpose": True},
 }
-RANK_PAD = 16  # the common case (r_k <= 16); larger ranks only grow the rank-padded tiles
+RANK_PAD = 16  # the common case (r_k <= 16): the whole matrix is compiled with it
+# Larger ranks, checked on a subset of variants and dtypes: the GEMM's rank-padded tiles grow with RANK_PAD (64 is the
+# largest checked, r_k <= 64); the factor gradient switches to a rank loop above 16, identical for every larger pad.
+EXTRA_RANK_PADS = {"gemm": 64, "factor_grad": 32}
+EXTRA_RANK_VARIANTS = ("fwd", "dx", "factor_grad")
+EXTRA_RANK_COMBOS = (("fp32", "fp32"), ("tf32", "fp32"), ("bf16", "fp32"), ("bf16", "bf16"))
 SHARED_LIMIT = {80: 166912, 90: 232448}  # bytes of shared memory one block may use (A100: 163 KB, H100: 227 KB)
 
 
@@ -62,6 +69,7 @@ class Job:
     act: str
     factor: str
     arch: int
+    rank_pad: int = RANK_PAD
 
 
 @dataclass
@@ -109,7 +117,7 @@ def _gemm_source(jit_fn, job: Job):
             constexprs[name] = 1
     meta = config_meta(job.config)
     const_flags = {k: v for k, v in flags.items() if k != "transpose"}
-    precision = {"DOT_PRECISION": _precision(job.act), "RANK_PAD": RANK_PAD}
+    precision = {"DOT_PRECISION": _precision(job.act), "RANK_PAD": job.rank_pad}
     for name, value in {**const_flags, **precision, **meta}.items():
         signature[name] = "constexpr"
         constexprs[name] = value
@@ -142,7 +150,7 @@ def _factor_grad_source(jit_fn, job: Job):
         if name in unit:
             constexprs[name] = 1
     meta = config_meta(job.config)
-    precision = {"DOT_PRECISION": _precision(job.act), "RANK_PAD": RANK_PAD}
+    precision = {"DOT_PRECISION": _precision(job.act), "RANK_PAD": job.rank_pad, "RANK_CHUNK": 16}
     for name, value in {**precision, **meta}.items():
         signature[name] = "constexpr"
         constexprs[name] = value
@@ -229,6 +237,17 @@ def build_jobs(quick: bool = False, archs=ARCHS) -> list[Job]:
                     if variant == "factor_grad" or _storage(act) == factor or variant in ("fwd", "dx"):
                         for arch in archs:
                             jobs.append(Job(kernel, variant, index, config, act, factor, arch))
+                # r_k > 16 where the config ships for it (not in --quick)
+                if (
+                    quick
+                    or config.get("max_rank", 10**9) < EXTRA_RANK_PADS[kernel]
+                    or variant not in EXTRA_RANK_VARIANTS
+                ):
+                    continue
+                for act, factor in EXTRA_RANK_COMBOS:
+                    if _storage(act) in config_dtypes(config):
+                        for arch in archs:
+                            jobs.append(Job(kernel, variant, index, config, act, factor, arch, EXTRA_RANK_PADS[kernel]))
     return jobs
 
 
@@ -245,7 +264,7 @@ def _config_label(config: dict) -> str:
 
 
 def format_table(results: list[Result]) -> str:
-    header = f"{'kernel':<12}{'variant':<12}{'cfg':<4}{'config':<18}{'dtype':<11}{'arch':<6}"
+    header = f"{'kernel':<12}{'variant':<12}{'cfg':<4}{'config':<18}{'dtype':<11}{'rank':<5}{'arch':<6}"
     header += f"{'regs':>5}{'spill st/ld':>13}{'smem':>8}{'wgmma':>7}  status"
     lines = [header, "-" * len(header)]
     for r in results:
@@ -254,7 +273,7 @@ def format_table(results: list[Result]) -> str:
         status = r.error or ("SPILL" if _spills(r) else "SMEM" if _over_shared(r) else "ok")
         lines.append(
             f"{j.kernel:<12}{j.variant:<12}{j.config_index:<4}{_config_label(j.config):<18}"
-            f"{j.act + '/' + j.factor:<11}{'sm_' + str(j.arch):<6}{r.registers:>5}"
+            f"{j.act + '/' + j.factor:<11}{j.rank_pad:<5}{'sm_' + str(j.arch):<6}{r.registers:>5}"
             f"{f'{r.spill_stores}/{r.spill_loads}':>13}{r.shared:>8}{wgmma:>7}  {status}"
         )
     return "\n".join(lines)
