@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 __all__ = ["RANK_TOL", "effective_rank", "numerical_rank", "rank_report", "singular_values", "spectrum_ranks"]
 
 RANK_TOL = 1e-3
+KIND_ORDER = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense", "pooler.dense")
 
 
 def singular_values(matrix: torch.Tensor) -> list[float]:
@@ -52,8 +54,13 @@ def spectrum_ranks(sigma: Sequence[float], tol: float = RANK_TOL) -> dict:
 
 
 def _layer_kind(name: str) -> str:
-    parts = name.split(".")
-    return ".".join(parts[-2:]) if parts[-1] == "dense" else parts[-1]
+    """``bert.encoder.layer.3.attention.self.query`` → ``query``, ``...layer.3.attention.output.dense`` →
+    ``attention.output.dense``, ``...layer.3.output.dense`` → ``output.dense``, ``bert.pooler.dense`` →
+    ``pooler.dense``."""
+    inner = re.sub(r"^.*\blayers?\.\d+\.", "", name)
+    if inner == name:  # not inside a numbered block
+        inner = ".".join(name.split(".")[-2:])
+    return inner.removeprefix("attention.self.")
 
 
 def load_spectra(paths: Sequence[str | Path]) -> dict[str, dict[str, list[float]]]:
@@ -101,7 +108,8 @@ def rank_report(spectra: dict[str, dict[str, list[float]]], tol: float = RANK_TO
 
 def markdown(report: dict, tol: float = RANK_TOL, labels: dict | None = None) -> str:
     labels = labels or {}
-    kinds = sorted({kind for entry in report.values() for kind in entry["by_kind"]})
+    found = {kind for entry in report.values() for kind in entry["by_kind"]}
+    kinds = [k for k in KIND_ORDER if k in found] + sorted(found - set(KIND_ORDER))
     dims = {kind: entry["by_kind"][kind]["dim"] for entry in report.values() for kind in entry["by_kind"]}
     lines = [
         f"Rank of the trained ΔW per layer: numerical rank (σ_i > {tol:g}·σ_max) / entropy effective rank, mean over "

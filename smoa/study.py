@@ -262,7 +262,7 @@ def run_study(args: argparse.Namespace, log=print) -> dict:
     settings["lr_grid"] = (
         {"lora": [QUICK_LR["lora"]], "hadamard": [QUICK_LR["hadamard"]]}
         if args.quick
-        else {"lora": list(LORA_GRID), "hadamard": list(HADAMARD_GRID)}
+        else {"lora": list(args.lora_grid or LORA_GRID), "hadamard": list(args.hadamard_grid or HADAMARD_GRID)}
     )
     test_labels = dataset.test.head(args.test_size).labels
     majority = max(test_labels.count(c) for c in set(test_labels)) / len(test_labels)
@@ -354,7 +354,10 @@ def merge_studies(parts: list[str | Path], out: str | Path, log=print) -> dict:
     studies = [json.loads((Path(p) / "study.json").read_text()) for p in parts]
     merged = dict(studies[0])
     for other in studies[1:]:
-        mismatch = {k for k in merged["settings"] if merged["settings"][k] != other["settings"].get(k)}
+        # the grids may differ between parts (each method's own grid is in its runs and in the table)
+        mismatch = {
+            k for k in merged["settings"] if k != "lr_grid" and merged["settings"][k] != other["settings"].get(k)
+        }
         if mismatch:
             raise ValueError(f"cannot merge studies with different settings: {sorted(mismatch)}")
         keys = {m["key"] for m in merged["methods"]}
@@ -366,6 +369,7 @@ def merge_studies(parts: list[str | Path], out: str | Path, log=print) -> dict:
     order = [m.key for m in methods_for(merged["settings"]["rank"])]
     merged["methods"].sort(key=lambda m: order.index(m["key"]))
     merged["merged_from"] = [str(p) for p in parts]
+    merged["settings"] = {**merged["settings"], "lr_grid": [s["settings"]["lr_grid"] for s in studies]}
     merged["part_commands"] = [s.get("command") for s in studies]
     merged["wall_seconds_parts"] = [s.get("wall_seconds_this_invocation") for s in studies]
     spectra = {}
@@ -403,6 +407,8 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--target-modules", nargs="+", default=list(DEFAULT_TARGETS), help="default: query key value dense"
     )
+    parser.add_argument("--lora-grid", type=float, nargs="+", default=None, help=f"default {LORA_GRID}")
+    parser.add_argument("--hadamard-grid", type=float, nargs="+", default=None, help=f"default {HADAMARD_GRID}")
     parser.add_argument("--merge", nargs="+", default=None, metavar="DIR", help="merge studies of disjoint --methods")
     parser.add_argument("--resume", action="store_true", help="keep the finished runs of --out/study.json")
     parser.add_argument("--no-spectra", dest="spectra", action="store_false", help="skip ΔW singular values")

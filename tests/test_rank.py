@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from smoa.rank import effective_rank, load_spectra, markdown, numerical_rank, rank_report, singular_values
+from smoa.rank import _layer_kind, effective_rank, load_spectra, markdown, numerical_rank, rank_report, singular_values
 
 
 def _matrix_of_rank(rank: int, rows: int = 40, cols: int = 30, seed: int = 0) -> torch.Tensor:
@@ -52,3 +52,10 @@ def test_rank_report_and_table(tmp_path):
     assert report["full"]["by_kind"]["query"]["mean_numerical_rank"] == 30
     table = markdown(report)
     assert "| low | 2.0 /" in table and "query (30)" in table
+
+
+def test_layer_kinds_of_a_bert():
+    assert _layer_kind("bert.encoder.layer.3.attention.self.query") == "query"
+    assert _layer_kind("bert.encoder.layer.3.attention.output.dense") == "attention.output.dense"
+    assert _layer_kind("bert.encoder.layer.3.output.dense") == "output.dense"  # not merged with the attention's
+    assert _layer_kind("bert.pooler.dense") == "pooler.dense"
