@@ -58,7 +58,8 @@ CASES = [
     ((5,), 70, TILE_O + 1, 4, 4, True, False, "contiguous"),  # K = 4, d_in = tile + 1, dropout without bias
     ((6,), 100, 100, 1, 16, False, True, "hira"),  # K = 1 (HiRA) with identity orders; band of 100 spans 2 tiles
     ((5,), 2 * TILE_BAND + 1, 70, 2, 4, False, True, "contiguous"),  # bands of 65 and 64 rows: masked programs
-    ((3,), 33, 29, 3, 17, False, True, "contiguous"),  # r_k = 17 > 16: rank padded to 32
+    ((3,), 33, 29, 3, 17, False, True, "contiguous"),  # r_k = 17 > 16: rank padded to 32, a 2-chunk rank loop
+    ((2,), 24, 20, 2, 40, True, False, "contiguous"),  # r_k = 40 > min(d): padded to 64, 3 rank chunks, dropout
     ((2, 5), 24, 36, 3, 4, True, True, "contiguous"),  # 3-D input (batch, seq, d_in) with dropout
     ((11,), 36, 24, 2, 4, False, True, "transposed"),  # non-contiguous x: a transposed view, strides (1, N)
     ((11,), 36, 24, 2, 4, True, True, "strided"),  # non-contiguous x: a column slice of a wider tensor
