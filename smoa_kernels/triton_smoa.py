@@ -33,7 +33,10 @@ Design, from ../shared/KERNELS.md's cost model:
   ``x_a[:, col_order]`` are gathered once (2·N·D elements), after which the diagonal blocks are contiguous bands and
   only they are computed: 2·N·D²/K FLOPs, K× less than a dense ``dYᵀx``. The G tile never leaves registers: the
   epilogue multiplies it by the (gathered, read once per tile) ``s·W0`` tile and contracts it with the factor tiles
-  (``dB̂ += H Âᵀ``, ``dÂ += B̂ᵀ H``).
+  (``dB̂ += H Âᵀ``, ``dÂ += B̂ᵀ H``), 16 ranks at a time so that r_k > 16 does not grow the operand tiles.
+* **torch.compile**: the launches live in two ``torch.library`` custom ops (``smoa_kernels::triton_forward`` /
+  ``triton_backward``) with shape-only fake implementations, called from the autograd.Function, so a compiled graph
+  holds them as opaque nodes (fullgraph works); the block ids are computed with static shapes only.
 * **Saved for backward**: ``x_a`` (or ``x`` when they are the same tensor — nothing extra), W0, the factors, the two
   orders and two int32 block-id vectors. Nothing D²-sized; ΔW is regenerated in the backward kernels.
 * **Determinism**: the factor gradient never uses atomics. Each program writes its tile's contribution to a partial
