@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["block_bounds", "block_ids", "block_sizes", "inverse_permutation"]
+__all__ = ["block_bounds", "block_ids", "block_sizes"]
 
 
 def block_sizes(n: int, num_blocks: int) -> list[int]:
@@ -28,19 +28,15 @@ def block_bounds(n: int, num_blocks: int) -> list[tuple[int, int]]:
 
 
 def block_ids(order: torch.Tensor, num_blocks: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
-    """``blk[i] = k`` for every original coordinate ``i`` in block k (SPEC §3's ``blk_row``/``blk_col``)."""
-    sizes = block_sizes(order.numel(), num_blocks)
-    per_position = torch.repeat_interleave(
-        torch.arange(num_blocks, device=order.device, dtype=dtype),
-        torch.tensor(sizes, device=order.device),
-    )
-    ids = torch.empty(order.numel(), dtype=dtype, device=order.device)
-    ids[order] = per_position
-    return ids
+    """``blk[i] = k`` for every original coordinate ``i`` in block k (SPEC §3's ``blk_row``/``blk_col``).
 
-
-def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
-    """``inv`` with ``inv[order[j]] = j``, so ``t[..., order][..., inv] == t``."""
-    inv = torch.empty_like(order)
-    inv[order] = torch.arange(order.numel(), device=order.device, dtype=order.dtype)
-    return inv
+    Static shapes only (no ``repeat_interleave`` by a data-dependent count), so ``torch.compile`` traces it.
+    """
+    n = order.numel()
+    base, extra = divmod(n, num_blocks)
+    position = torch.arange(n, device=order.device)
+    long_span = extra * (base + 1)  # the first `extra` blocks hold base + 1 elements
+    per_position = torch.where(
+        position < long_span, position // (base + 1), extra + (position - long_span) // max(base, 1)
+    ).to(dtype)
+    return torch.empty_like(per_position).scatter_(0, order, per_position)

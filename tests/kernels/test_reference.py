@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smoa_kernels.blocks import block_bounds, block_ids, block_sizes, inverse_permutation
+from smoa_kernels.blocks import block_bounds, block_ids, block_sizes
 from smoa_kernels.reference import blocks_to_lora, dense_delta_weight, lora_to_blocks, smoa_linear_reference
 from tests.utils import make_problem
 
@@ -22,14 +22,12 @@ def test_block_sizes_match_tensor_split(n, num_blocks):
 
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 200), num_blocks=st.integers(1, 6), seed=st.integers(0, 1000))
-def test_block_ids_and_inverse_permutation(n, num_blocks, seed):
+def test_block_ids_follow_tensor_split(n, num_blocks, seed):
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     ids = block_ids(order, num_blocks)
     for k, chunk in enumerate(torch.tensor_split(order, num_blocks)):
         assert bool((ids[chunk] == k).all())
-    inv = inverse_permutation(order)
-    t = torch.randn(3, n)
-    assert torch.equal(t[:, order][:, inv], t)
+    assert ids.dtype == torch.int32 and ids.shape == (n,)
 
 
 def test_k1_identity_is_hira():
