@@ -11,39 +11,64 @@ The math (SPEC §2–§4, LoRA-shaped form of §3, ``Â``: r_k×d_in, ``B̂``: d
     H_k  = s · (dY[:, R_k]ᵀ x_a[:, C_k]) ⊙ W0[R_k, C_k]      (diagonal blocks of G = dYᵀ x_a only)
     dB_k = H_k A_kᵀ      dA_k = B_kᵀ H_k      db = Σ_n dY
 
-Design, from ../shared/KERNELS.md's cost model:
+Design, from ../shared/KERNELS.md's cost model. Forward and dX run in one of two coordinate systems, chosen per call
+by ``smoa_linear_triton(..., coordinates=...)``; the factor gradient always runs in permuted coordinates.
 
-* **Forward and dX run in original coordinates** (``_smoa_gemm_kernel``). Each program owns an output tile, walks the
-  reduction dimension and, per step, loads the W0 tile the base GEMM needs anyway, the matching ``B̂``/``Â`` tiles
-  (rank padded to ≥ 16 with masked loads) and two int32 block-id vectors, builds ``s·ΔW`` in registers
-  (``tl.dot(B̂, Â) * W0``, masked to ``blk_row == blk_col``) and accumulates ``W0·xᵀ + sΔW·x_aᵀ`` into ONE fp32
-  accumulator. All loads are coalesced (no gathers, no mask buffer, no d_out×d_in temporary). The weight tile is the
-  left-hand ``tl.dot`` operand (``yᵀ_tile = W_tile @ xᵀ_tile``) so Hopper can feed the generated tile from
-  registers. dX is the same kernel with the roles of rows and columns swapped (strides transposed), so there is one
-  GEMM kernel to tune and to check. Cost: 4·N·D² per pass (base + adapter dot) plus the ΔW regeneration (each
-  weight tile is rebuilt by N/BLOCK_N programs: RANK_PAD/BLOCK_N of one dot). The adapter dot touches every tile
-  because the spectral orders scatter the blocks over the whole matrix — the price of staying gather-free; the
-  permuted alternative (2·N·D²/K, but W0 tiles gathered element-wise and reloaded by N/BLOCK_N programs) is left to
-  the benchmark issue to measure against this one.
-* **Step cost of the exact default path**: forward 4·N·D², dX 4·N·D², factor gradient 2·N·D²/K, i.e. (8 + 2/K)·N·D²
-  against the floor (4 + 6/K)·N·D² of KERNELS.md §1 (1.29× it at K = 2, 1.52× at K = 4). Reaching the floor needs the
-  adapter terms of forward/dX restricted to the diagonal blocks (permuted coordinates) next to a cuBLAS base GEMM;
-  the ``merged_weight`` fast path below is (4 + 2/K)·N·D² plus the regeneration.
+* ``coordinates="original"`` (**the default**) — **forward and dX in original coordinates** (``_smoa_gemm_kernel``).
+  Each program owns an output tile, walks the reduction dimension and, per step, loads the W0 tile the base GEMM needs
+  anyway, the matching ``B̂``/``Â`` tiles (rank padded to ≥ 16 with masked loads) and two int32 block-id vectors, builds
+  ``s·ΔW`` in registers (``tl.dot(B̂, Â) * W0``, masked to ``blk_row == blk_col``) and accumulates ``W0·xᵀ + sΔW·x_aᵀ``
+  into ONE fp32 accumulator. All loads are coalesced (no gathers, no mask buffer, no d_out×d_in temporary). The weight
+  tile is the left-hand ``tl.dot`` operand (``yᵀ_tile = W_tile @ xᵀ_tile``) so Hopper can feed the generated tile from
+  registers. dX is the same kernel with the roles of rows and columns swapped (strides transposed), so there is one GEMM
+  kernel to tune and to check. Cost: 4·N·D² per pass (base + adapter dot) plus the ΔW regeneration (each weight tile is
+  rebuilt by N/BLOCK_N programs: RANK_PAD/BLOCK_N of one dot). The adapter dot touches every tile because the spectral
+  orders scatter the blocks over the whole matrix — the price of staying gather-free; the permuted alternative is the
+  next item.
+* ``coordinates="permuted"`` — **base GEMMs by cuBLAS, adapter on the diagonal blocks only**
+  (``_smoa_perm_adapter_kernel``). Forward: ``x_a[:, col_order]`` is gathered once (and saved for backward in place
+  of x_a: same size, and it is exactly what the factor gradient reads), ``y = x W0ᵀ + b`` by ``F.linear``, then the
+  kernel adds ``s · x_a[:, C_k] ΔW_kᵀ`` into ``y[:, R_k]``. dX: ``dY[:, row_order]`` is gathered once (shared with the
+  factor gradient), ``dx = dY W0`` by cuBLAS, and the same kernel (transposed strides) adds ``s · dY[:, R_k] ΔW_k``
+  into ``dx[:, C_k]`` (or writes ``dx_a`` when dropout makes it distinct). Programs are (band tile, token tile) ×
+  block k; each owns the outputs ``(tokens, R_k[tile])`` and, in its epilogue, reads the base term at those
+  (scattered) columns, adds its fp32 accumulator and stores — every output element is written by exactly one
+  program, so it is deterministic with no atomics and no separate scatter pass. ``ΔW_k`` sub-tiles are generated in
+  registers from W0 loaded at ``(row_order[p], col_order[q])`` (index vectors loaded, pointers computed) and the
+  factor rows/columns at the same indices; the gathered activations are contiguous within a band. Bands of unequal
+  size (``tensor_split``) are masked; the grid covers the largest band.
+* **Step cost**: original: forward 4·N·D², dX 4·N·D², factor gradient 2·N·D²/K, i.e. (8 + 2/K)·N·D² against the
+  floor (4 + 6/K)·N·D² of KERNELS.md §1 (1.29× it at K = 2, 1.52× at K = 4), all in Triton GEMMs. Permuted: forward
+  2·N·D² (cuBLAS) + 2·N·D²/K, dX the same, factor gradient 2·N·D²/K: exactly the floor (4 + 6/K)·N·D², plus memory
+  traffic the original path does not have — the two gathers (2·N·D elements written and read) and the scattered
+  read-modify-write of y and dx (2·N·D elements each way) — and W0 sub-tiles loaded element-wise (uncoalesced; each
+  diagonal W0 element is reloaded by N/BLOCK_N programs, mostly from L2). The ``merged_weight`` fast path below is
+  (4 + 2/K)·N·D² plus the regeneration, original coordinates only.
+* ``coordinates="auto"`` picks by :func:`choose_coordinates`: "permuted" when K ≥ 2 and the FLOPs saved per token and
+  feature, 2·min(d_in, d_out)·(1 − 1/K), reach ``AUTO_PERMUTED_MIN_SAVED_FLOPS`` = 4096 (the ≈ 4 extra elements moved
+  per token and feature cost ≈ 2400 FLOP-equivalents at H100's bf16 ridge of ≈ 300 FLOP/byte; the rest is margin
+  for the uncoalesced W0 loads), e.g. D = 4096 at K = 2, D ≥ 2731 at K = 4; otherwise "original". It depends on the
+  weight shape and K only (both sides scale linearly in N), so it never adds a guard on N under torch.compile. The
+  threshold is modelled, not measured: ``"original"`` stays the default until the ``smoa-triton-perm`` benchmark
+  provider has been timed against ``smoa-triton`` on a GPU.
 * **The factor gradient runs in permuted coordinates** (``_smoa_factor_grad_kernel``): ``dY[:, row_order]`` and
   ``x_a[:, col_order]`` are gathered once (2·N·D elements), after which the diagonal blocks are contiguous bands and
   only they are computed: 2·N·D²/K FLOPs, K× less than a dense ``dYᵀx``. The G tile never leaves registers: the
   epilogue multiplies it by the (gathered, read once per tile) ``s·W0`` tile and contracts it with the factor tiles
   (``dB̂ += H Âᵀ``, ``dÂ += B̂ᵀ H``), 16 ranks at a time so that r_k > 16 does not grow the operand tiles.
-* **torch.compile**: the launches live in two ``torch.library`` custom ops (``smoa_kernels::triton_forward`` /
-  ``triton_backward``) with shape-only fake implementations, called from the autograd.Function, so a compiled graph
+* **torch.compile**: the launches live in ``torch.library`` custom ops (``smoa_kernels::triton_forward`` /
+  ``triton_backward``, and ``triton_forward_permuted`` / ``triton_backward_permuted``) with shape-only fake
+  implementations, called from the autograd.Function, so a compiled graph
   holds them as opaque nodes (fullgraph works); the block ids are computed with static shapes only.
-* **Saved for backward**: ``x_a`` (or ``x`` when they are the same tensor — nothing extra), W0, the factors, the two
-  orders and two int32 block-id vectors. Nothing D²-sized; ΔW is regenerated in the backward kernels.
-* **Determinism**: the factor gradient never uses atomics. Each program writes its tile's contribution to a partial
-  buffer slot it owns (``dB̂`` partials indexed by column tile, ``dÂ`` partials by row tile; fp32, about
-  ``(D/K/BLOCK)·D·r_k`` elements each) and one ``torch.sum`` reduces them, so results are bitwise reproducible for a
-  given config. Autotuning may pick a different config (hence a different summation order) on another run; with
-  ``torch.use_deterministic_algorithms(True)`` the single default config is always used. No atomic path is shipped.
+* **Saved for backward**: ``x_a`` (or ``x`` when they are the same tensor — nothing extra; permuted coordinates:
+  ``x_a[:, col_order]`` instead, the same size), W0, the factors, the two orders and (original coordinates) two
+  int32 block-id vectors. Nothing D²-sized; ΔW is regenerated in the backward kernels.
+* **Determinism**: no kernel uses atomics (the permuted adapter GEMM owns every output element it writes). In the factor
+  gradient each program writes its tile's contribution to a partial buffer slot it owns (``dB̂`` partials indexed by
+  column tile, ``dÂ`` partials by row tile; fp32, about ``(D/K/BLOCK)·D·r_k`` elements each) and one ``torch.sum``
+  reduces them, so results are bitwise reproducible for a given config. Autotuning may pick a different config (hence a
+  different summation order) on another run; with ``torch.use_deterministic_algorithms(True)`` the single default config
+  is always used. No atomic path is shipped.
 * **Precision**: every ``tl.dot`` accumulates in fp32. The big dots take the activation dtype (fp16/bf16 tensor cores);
   the generated ``s·ΔW`` tile is built in fp32 and rounded to the activation dtype only as a dot operand (relative
   error of the adapter term ≈ one ulp of that dtype, never relative to W0 — unlike merging ΔW into W0 first). With
@@ -55,7 +80,9 @@ Design, from ../shared/KERNELS.md's cost model:
 * **Opt-in fast path** (``merged_weight=True``, exact only up to rounding when x_a is x): the kernel forms
   ``W_eff = W0 + s·ΔW`` in registers and issues ONE dot per tile (2·N·D² per pass, the frozen layer's cost plus the
   rank regeneration). Rounding W_eff to bf16 drops relative updates below ≈2⁻⁹ of W0, so it is never the default.
-* ``db`` and the base ``dY W0`` term when x_a is distinct use cuBLAS through torch (nothing to fuse there).
+* ``db`` and the base ``dY W0`` term when x_a is distinct use cuBLAS through torch (nothing to fuse there); in
+  permuted coordinates so do ``x W0ᵀ + b`` and ``dY W0`` always. With 16-bit activations the permuted path rounds
+  the base term to the activation dtype before the adapter term is added (one extra rounding of y and dx).
 
 Run the kernels on the CPU with ``TRITON_INTERPRET=1`` (tests/kernels/test_triton_smoa.py). The interpreter mode is
 read when a kernel is first launched, not at import, so importing this module never fixes the mode for other code.
@@ -80,8 +107,10 @@ except ImportError as _error:  # pragma: no cover - exercised only where triton 
     _TRITON_IMPORT_ERROR = f"triton is not importable ({_error})"
 
 __all__ = [
+    "COORDINATES",
     "KERNEL_CONFIGS",
     "SMoATritonFunction",
+    "choose_coordinates",
     "is_available",
     "smoa_linear_triton",
 ]
@@ -213,6 +242,111 @@ def _smoa_gemm_kernel(
         acc.to(OUT.dtype.element_ty),
         mask=mask_o[:, None] & mask_n[None, :],
     )
+
+
+def _smoa_perm_adapter_kernel(
+    XP,
+    OUT,
+    W,
+    U,
+    V,
+    OUT_ORDER,
+    RED_ORDER,
+    n_rows,
+    d_out,
+    d_red,
+    rank,
+    num_blocks,
+    n_bucket,
+    scale,
+    stride_xn,
+    stride_xr,
+    stride_on,
+    stride_oo,
+    stride_wo,
+    stride_wr,
+    stride_uo,
+    stride_ut,
+    stride_vt,
+    stride_vr,
+    ACCUMULATE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    RANK_PAD: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """Adapter term only, diagonal blocks only, in permuted coordinates. Block k = program_id(1)::
+
+        OUT[n, OUT_ORDER[p]] (+)= s Σ_{q ∈ band k} XP[n, q] ΔW[OUT_ORDER[p], RED_ORDER[q]]     for p ∈ band k
+
+    with ``ΔW[o, r] = (U V)[o, r] W[o, r]`` (no block mask: every (p, q) of the band pair is in block k). Forward:
+    (XP, OUT, W, U, V, OUT_ORDER, RED_ORDER) = (x_a[:, col_order], y, W0, B̂, Â, row_order, col_order); dX:
+    (dY[:, row_order], dx or dx_a, W0ᵀ, Âᵀ, B̂ᵀ, col_order, row_order) through transposed strides. ACCUMULATE adds to
+    the OUT values already there (the cuBLAS base term); each OUT element belongs to exactly one program.
+    """
+    pid = tl.program_id(0)
+    k = tl.program_id(1)
+    out_base = d_out // num_blocks
+    out_extra = d_out % num_blocks
+    red_base = d_red // num_blocks
+    red_extra = d_red % num_blocks
+    # Block k's bands in the sorted orders (tensor_split: the first `extra` blocks hold one more).
+    out_start = k * out_base + tl.minimum(k, out_extra)
+    out_size = out_base + (k < out_extra).to(tl.int32)
+    red_start = k * red_base + tl.minimum(k, red_extra)
+    red_size = red_base + (k < red_extra).to(tl.int32)
+    # The grid covers the largest band; programs past a smaller band are fully masked.
+    tiles_o_max = (out_base + (out_extra > 0).to(tl.int32) + BLOCK_O - 1) // BLOCK_O
+    pid_o = pid % tiles_o_max
+    pid_n = pid // tiles_o_max
+
+    local_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    mask_o = local_o < out_size
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n_rows
+    out_idx = tl.load(OUT_ORDER + (out_start + local_o).to(tl.int64), mask=mask_o, other=0)
+    offs_t = tl.arange(0, RANK_PAD)
+    mask_t = offs_t < rank
+    dot_dtype = XP.dtype.element_ty
+
+    u = tl.load(
+        U + out_idx[:, None] * stride_uo + offs_t[None, :] * stride_ut,
+        mask=mask_o[:, None] & mask_t[None, :],
+        other=0.0,
+    ).to(dot_dtype)
+
+    acc = tl.full((BLOCK_O, BLOCK_N), 0.0, tl.float32)
+    for r_start in range(0, red_size, BLOCK_R):
+        local_r = r_start + tl.arange(0, BLOCK_R)
+        mask_r = local_r < red_size
+        perm_r = (red_start + local_r).to(tl.int64)
+        red_idx = tl.load(RED_ORDER + perm_r, mask=mask_r, other=0)
+        w = tl.load(
+            W + out_idx[:, None] * stride_wo + red_idx[None, :] * stride_wr,
+            mask=mask_o[:, None] & mask_r[None, :],
+            other=0.0,
+        )
+        v = tl.load(
+            V + offs_t[:, None] * stride_vt + red_idx[None, :] * stride_vr,
+            mask=mask_t[:, None] & mask_r[None, :],
+            other=0.0,
+        ).to(dot_dtype)
+        # Gathered activations: the band is contiguous. xᵀ tile, so the generated weight tile is the left operand.
+        xp_t = tl.load(
+            XP + offs_n[None, :] * stride_xn + perm_r[:, None] * stride_xr,
+            mask=mask_r[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        product = tl.dot(u, v, input_precision=DOT_PRECISION)
+        scaled_delta = product * w.to(tl.float32) * scale
+        acc = tl.dot(scaled_delta.to(dot_dtype), xp_t, acc, input_precision=DOT_PRECISION)
+
+    out_ptrs = OUT + offs_n[None, :] * stride_on + out_idx[:, None] * stride_oo
+    out_mask = mask_o[:, None] & mask_n[None, :]
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=out_mask)
 
 
 def _smoa_factor_grad_kernel(
@@ -366,6 +500,34 @@ KERNEL_CONFIGS: dict[str, list[dict]] = {
         {"BLOCK_O": 128, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 4, "num_stages": 3, "dtypes": _HALF},
         {"BLOCK_O": 128, "BLOCK_N": 128, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 8, "num_stages": 3, "dtypes": _HALF},
     ],
+    # Permuted-coordinate adapter GEMM (no base dot, no block mask). Its W0 sub-tiles and output tiles are addressed by
+    # loaded index vectors, i.e. one 64-bit pointer per element, which costs registers the "gemm" tiles do not pay: the
+    # 4-warp 16-bit tiles of "gemm" spill here (64×64×32: 48–100 B on sm_80, up to 400 B at r_k = 64; 128×64×32: 400+
+    # B), so do 128×128×32/8 warps (350–780 B) and 64×64×16/4 warps at r_k = 64; 128×64×32/8 warps spills 80 B on
+    # sm_80 for r_k > 16 only, 64×64×32/8 warps 40–56 B in dX with fp32 factors at r_k = 64 on sm_80 (any num_stages).
+    # All pruned (or rank-restricted) with tools/aot_compile_check.py.
+    "perm_adapter": [
+        {"BLOCK_O": 64, "BLOCK_N": 128, "BLOCK_R": 32, "num_warps": 8, "num_stages": 3, "dtypes": _HALF},
+        {"BLOCK_O": 128, "BLOCK_N": 64, "BLOCK_R": 16, "num_warps": 8, "num_stages": 3, "dtypes": _FP32},
+        {
+            "BLOCK_O": 64,
+            "BLOCK_N": 64,
+            "BLOCK_R": 32,
+            "num_warps": 8,
+            "num_stages": 3,
+            "dtypes": _HALF,
+            "max_rank": 16,
+        },
+        {
+            "BLOCK_O": 128,
+            "BLOCK_N": 64,
+            "BLOCK_R": 32,
+            "num_warps": 8,
+            "num_stages": 3,
+            "dtypes": _HALF,
+            "max_rank": 16,
+        },
+    ],
     # 4 warps spill on sm_80 (the fp32 epilogue contractions); 64×128 spills 4–8 bytes, 128×128 about 1 KB, 128×64
     # spills 16 bytes with fp32 activations (3×TF32) on sm_80 and, for r_k > 16 (the rank loop), in 16-bit too;
     # 64×64 with BLOCK_N = 32 spills 4 bytes on sm_90 for r_k > 16. "max_rank" restricts an entry to r_k <= max_rank.
@@ -384,10 +546,20 @@ KERNEL_CONFIGS: dict[str, list[dict]] = {
 }
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "dtypes", "max_rank")
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_RAW_KERNELS = {"gemm": _smoa_gemm_kernel, "factor_grad": _smoa_factor_grad_kernel}
-_AUTOTUNE_KEYS = {"gemm": ["d_out", "d_red", "n_bucket", "rank"], "factor_grad": ["d_out", "d_in", "n_bucket", "rank"]}
-_RESET_TO_ZERO = {"gemm": None, "factor_grad": ["DA_PART", "DB_PART"]}
-_ACTIVATION_ARG = {"gemm": "X", "factor_grad": "DY_PERM"}
+_RAW_KERNELS = {
+    "gemm": _smoa_gemm_kernel,
+    "perm_adapter": _smoa_perm_adapter_kernel,
+    "factor_grad": _smoa_factor_grad_kernel,
+}
+_AUTOTUNE_KEYS = {
+    "gemm": ["d_out", "d_red", "n_bucket", "rank"],
+    "perm_adapter": ["d_out", "d_red", "n_bucket", "rank", "num_blocks"],
+    "factor_grad": ["d_out", "d_in", "n_bucket", "rank"],
+}
+# perm_adapter accumulates into OUT (read-modify-write of the base term): autotuning must restore it between trials.
+_RESET_TO_ZERO = {"gemm": None, "perm_adapter": None, "factor_grad": ["DA_PART", "DB_PART"]}
+_RESTORE_VALUE = {"gemm": None, "perm_adapter": ["OUT"], "factor_grad": None}
+_ACTIVATION_ARG = {"gemm": "X", "perm_adapter": "XP", "factor_grad": "DY_PERM"}
 
 
 def config_dtypes(entry: dict) -> tuple[str, ...]:
@@ -439,6 +611,7 @@ def _autotuned_kernel(name: str):
         configs=configs,
         key=_AUTOTUNE_KEYS[name],
         reset_to_zero=_RESET_TO_ZERO[name],
+        restore_value=_RESTORE_VALUE[name],
         prune_configs_by={"early_config_prune": prune},
     )(jit_kernel(name, False))
 
@@ -456,7 +629,7 @@ def default_config(name: str, dtype: torch.dtype) -> dict:
 def _launch(name: str, grid, *args, **constexprs) -> None:
     """Launch ``name``: one config (interpreter, deterministic mode) or the autotuned list."""
     if _interpreting() or torch.are_deterministic_algorithms_enabled():
-        entry = default_config(name, args[0].dtype)  # args[0]: the activations (X / DY_PERM)
+        entry = default_config(name, args[0].dtype)  # args[0]: the activations (X / XP / DY_PERM)
         options = {"num_warps": entry["num_warps"], "num_stages": entry["num_stages"]}
         jit_kernel(name, _interpreting())[grid](*args, **constexprs, **config_meta(entry), **options)
     else:
@@ -572,6 +745,80 @@ def _gemm(
     return out
 
 
+def _perm_adapter(
+    x_perm: torch.Tensor,
+    out: torch.Tensor,
+    weight: torch.Tensor,
+    out_factor: torch.Tensor,
+    red_factor: torch.Tensor,
+    out_order: torch.Tensor,
+    red_order: torch.Tensor,
+    num_blocks: int,
+    scale: float,
+    *,
+    transpose: bool,
+    accumulate: bool,
+) -> torch.Tensor:
+    """Launch ``_smoa_perm_adapter_kernel`` into ``out`` (original coordinates). ``transpose=False``: forward
+    (``x_perm = x_a[:, col_order]``, weight d_out×d_in, out_factor B̂, red_factor Â, out_order = row_order).
+    ``transpose=True``: dX (``x_perm = dY[:, row_order]``, same tensors through swapped strides, out_order =
+    col_order). ``accumulate=False`` overwrites ``out`` (every element of it is written exactly once)."""
+    n_rows = x_perm.shape[0]
+    if transpose:
+        d_out, d_red = weight.shape[1], weight.shape[0]
+        stride_wo, stride_wr = weight.stride(1), weight.stride(0)
+        stride_uo, stride_ut = out_factor.stride(1), out_factor.stride(0)  # U = Âᵀ
+        stride_vt, stride_vr = red_factor.stride(1), red_factor.stride(0)  # V = B̂ᵀ
+        rank = out_factor.shape[0]
+    else:
+        d_out, d_red = weight.shape
+        stride_wo, stride_wr = weight.stride(0), weight.stride(1)
+        stride_uo, stride_ut = out_factor.stride(0), out_factor.stride(1)
+        stride_vt, stride_vr = red_factor.stride(0), red_factor.stride(1)
+        rank = out_factor.shape[1]
+    if n_rows == 0:
+        return out
+    if rank == 0:  # the adapter contributes nothing
+        return out if accumulate else out.zero_()
+    max_out = -(-d_out // num_blocks)
+
+    def grid(meta):
+        return (triton.cdiv(max_out, meta["BLOCK_O"]) * triton.cdiv(n_rows, meta["BLOCK_N"]), num_blocks)
+
+    _launch(
+        "perm_adapter",
+        grid,
+        x_perm,
+        out,
+        weight,
+        out_factor,
+        red_factor,
+        out_order,
+        red_order,
+        n_rows,
+        d_out,
+        d_red,
+        rank,
+        num_blocks,
+        _n_bucket(n_rows),
+        float(scale),
+        x_perm.stride(0),
+        x_perm.stride(1),
+        out.stride(0),
+        out.stride(1),
+        stride_wo,
+        stride_wr,
+        stride_uo,
+        stride_ut,
+        stride_vt,
+        stride_vr,
+        ACCUMULATE=accumulate,
+        DOT_PRECISION=_dot_precision(x_perm.dtype),
+        RANK_PAD=_rank_pad(rank),
+    )
+    return out
+
+
 def _factor_grads(
     grad_out: torch.Tensor,
     x_adapter: torch.Tensor,
@@ -582,16 +829,24 @@ def _factor_grads(
     col_order: torch.Tensor,
     num_blocks: int,
     scale: float,
+    *,
+    dy_perm: torch.Tensor | None = None,
+    xa_perm: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dÂ, dB̂)`` from the diagonal blocks of ``G = dYᵀ x_a`` (deterministic: partial buffers + one sum)."""
+    """``(dÂ, dB̂)`` from the diagonal blocks of ``G = dYᵀ x_a`` (deterministic: partial buffers + one sum).
+
+    ``dy_perm`` / ``xa_perm``: the already gathered ``dY[:, row_order]`` / ``x_a[:, col_order]`` (the permuted path
+    has them); ``x_adapter`` may then be None."""
     n_rows = grad_out.shape[0]
     d_out, d_in = weight.shape
     rank = lora_A.shape[0]
     if n_rows == 0 or rank == 0:
         return torch.zeros_like(lora_A), torch.zeros_like(lora_B)
     # One gather each makes every diagonal block a contiguous band (KERNELS.md §2).
-    dy_perm = grad_out.index_select(1, row_order)
-    xa_perm = x_adapter.index_select(1, col_order)
+    if dy_perm is None:
+        dy_perm = grad_out.index_select(1, row_order)
+    if xa_perm is None:
+        xa_perm = x_adapter.index_select(1, col_order)
     max_rows = -(-d_out // num_blocks)
     max_cols = -(-d_in // num_blocks)
     # Sized for the smallest tiles in the config list, so any autotuned config fits; unused slots stay zero.
@@ -748,6 +1003,89 @@ def _(grad_out, x_saved, adapter_is_x, weight, lora_A, lora_B, row_order, col_or
     )
 
 
+@torch.library.custom_op("smoa_kernels::triton_forward_permuted", mutates_args=())
+def _forward_permuted_op(
+    x: torch.Tensor,
+    x_adapter: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    row_order: torch.Tensor,
+    col_order: torch.Tensor,
+    num_blocks: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, x_a[:, col_order])``: base term by cuBLAS, adapter term on the diagonal blocks in permuted coordinates;
+    the gathered x_a is returned to be saved for backward (the factor gradient needs exactly it)."""
+    xa_perm = (x if x_adapter is None else x_adapter).index_select(1, col_order)
+    out = torch.nn.functional.linear(x, weight, bias).contiguous()
+    _perm_adapter(
+        xa_perm, out, weight, lora_B, lora_A, row_order, col_order, num_blocks, scale, transpose=False, accumulate=True
+    )
+    return out, xa_perm
+
+
+@_forward_permuted_op.register_fake
+def _(x, x_adapter, weight, bias, lora_A, lora_B, row_order, col_order, num_blocks, scale):
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], weight.shape[1]))
+
+
+@torch.library.custom_op("smoa_kernels::triton_backward_permuted", mutates_args=())
+def _backward_permuted_op(
+    grad_out: torch.Tensor,
+    xa_perm: torch.Tensor,
+    adapter_is_x: bool,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    row_order: torch.Tensor,
+    col_order: torch.Tensor,
+    num_blocks: int,
+    scale: float,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dx_a, db, dÂ, dB̂)`` as :func:`_backward_op`; ``dY[:, row_order]`` is gathered once and feeds both the
+    dX adapter term and the factor gradient."""
+    need_x, need_xa, need_bias, need_A, need_B = needs
+    grad_out = grad_out.contiguous()
+    dy_perm = grad_out.index_select(1, row_order)
+    grad_x = grad_xa = None
+    if need_x:
+        grad_x = (grad_out @ weight).contiguous()
+        if adapter_is_x:  # dx = dY W0 (cuBLAS) + s·dY ΔW on the diagonal blocks, added in place
+            _perm_adapter(dy_perm, grad_x, weight, lora_A, lora_B, col_order, row_order, num_blocks, scale,
+                          transpose=True, accumulate=True)  # fmt: skip
+    if need_xa and not adapter_is_x:
+        grad_xa = grad_out.new_empty((grad_out.shape[0], weight.shape[1]))
+        _perm_adapter(dy_perm, grad_xa, weight, lora_A, lora_B, col_order, row_order, num_blocks, scale,
+                      transpose=True, accumulate=False)  # fmt: skip
+    grad_bias = grad_out.sum(0) if need_bias else None
+    grad_A = grad_B = None
+    if need_A or need_B:
+        grad_A, grad_B = _factor_grads(grad_out, None, weight, lora_A, lora_B, row_order, col_order, num_blocks, scale,
+                                       dy_perm=dy_perm, xa_perm=xa_perm)  # fmt: skip
+    grads = (grad_x, grad_xa, grad_bias, grad_A if need_A else None, grad_B if need_B else None)
+    return tuple(grad_out.new_empty(0) if g is None else g for g in grads)
+
+
+@_backward_permuted_op.register_fake
+def _(grad_out, xa_perm, adapter_is_x, weight, lora_A, lora_B, row_order, col_order, num_blocks, scale, needs):
+    need_x, need_xa, need_bias, need_A, need_B = needs
+    n_rows, d_in = grad_out.shape[0], weight.shape[1]
+
+    def maybe(flag, shape, like):
+        return like.new_empty(shape) if flag else grad_out.new_empty(0)
+
+    return (
+        maybe(need_x, (n_rows, d_in), grad_out),
+        maybe(need_xa and not adapter_is_x, (n_rows, d_in), grad_out),
+        maybe(need_bias, (weight.shape[0],), grad_out),
+        maybe(need_A, lora_A.shape, lora_A),
+        maybe(need_B, lora_B.shape, lora_B),
+    )
+
+
 def traceable_block_ids(order: torch.Tensor, num_blocks: int) -> torch.Tensor:
     """int32 ``blk[i] = k`` for i in block k, equal to :func:`smoa_kernels.blocks.block_ids` but with static shapes
     only (no ``repeat_interleave`` by a data-dependent count), so torch.compile traces it without unbacked sizes."""
@@ -767,7 +1105,20 @@ class SMoATritonFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, x_adapter, weight, bias, lora_A, lora_B, row_order, col_order, num_blocks, scale, merged):
+    def forward(
+        ctx, x, x_adapter, weight, bias, lora_A, lora_B, row_order, col_order, num_blocks, scale, merged,
+        permuted=False,
+    ):  # fmt: skip
+        ctx.adapter_is_x = x_adapter is None
+        ctx.has_bias = bias is not None
+        ctx.num_blocks, ctx.scale, ctx.merged, ctx.permuted = num_blocks, scale, merged, permuted
+        if permuted:
+            out, xa_perm = torch.ops.smoa_kernels.triton_forward_permuted(
+                x, x_adapter, weight, bias, lora_A, lora_B, row_order, col_order, num_blocks, scale
+            )
+            # x_a[:, col_order] replaces x_a (same size): the factor gradient reads exactly it.
+            ctx.save_for_backward(xa_perm, weight, lora_A, lora_B, row_order, col_order)
+            return out
         blk_row = traceable_block_ids(row_order, num_blocks)
         blk_col = traceable_block_ids(col_order, num_blocks)
         out = torch.ops.smoa_kernels.triton_forward(
@@ -775,23 +1126,28 @@ class SMoATritonFunction(torch.autograd.Function):
         )
         ctx.save_for_backward(x if x_adapter is None else x_adapter, weight, lora_A, lora_B, row_order, col_order,
                               blk_row, blk_col)  # fmt: skip
-        ctx.adapter_is_x = x_adapter is None
-        ctx.has_bias = bias is not None
-        ctx.num_blocks, ctx.scale, ctx.merged = num_blocks, scale, merged
         return out
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):
-        x_saved, weight, lora_A, lora_B, row_order, col_order, blk_row, blk_col = ctx.saved_tensors
         need_x, need_xa, _, need_bias, need_A, need_B = ctx.needs_input_grad[:6]
         needs = [need_x, need_xa and not ctx.adapter_is_x, need_bias and ctx.has_bias, need_A, need_B]
+        if ctx.permuted:
+            xa_perm, weight, lora_A, lora_B, row_order, col_order = ctx.saved_tensors
+            grads = torch.ops.smoa_kernels.triton_backward_permuted(
+                grad_out, xa_perm, ctx.adapter_is_x, weight, lora_A, lora_B, row_order, col_order, ctx.num_blocks,
+                ctx.scale, needs,
+            )  # fmt: skip
+            grad_x, grad_xa, grad_bias, grad_A, grad_B = (g if flag else None for g, flag in zip(grads, needs))
+            return grad_x, grad_xa, None, grad_bias, grad_A, grad_B, None, None, None, None, None, None
+        x_saved, weight, lora_A, lora_B, row_order, col_order, blk_row, blk_col = ctx.saved_tensors
         grads = torch.ops.smoa_kernels.triton_backward(
             grad_out, x_saved, ctx.adapter_is_x, weight, lora_A, lora_B, row_order, col_order, blk_row, blk_col,
             ctx.num_blocks, ctx.scale, ctx.merged, needs,
         )  # fmt: skip
         grad_x, grad_xa, grad_bias, grad_A, grad_B = (g if flag else None for g, flag in zip(grads, needs))
-        return grad_x, grad_xa, None, grad_bias, grad_A, grad_B, None, None, None, None, None
+        return grad_x, grad_xa, None, grad_bias, grad_A, grad_B, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -893,6 +1249,22 @@ def _validate(x, x_adapter, weight, bias, lora_A, lora_B, row_order, col_order, 
         raise ValueError("weight.requires_grad=True: the triton SMoA path treats W0 as frozen (SPEC §4)")
 
 
+COORDINATES = ("original", "permuted", "auto")
+# "auto" picks "permuted" when the FLOPs it saves per token and feature, 2·D·(1 − 1/K), exceed this many. Modelled, not
+# yet measured (see the module docstring): the permuted path moves about 4 extra elements per token and feature (the
+# gather of x_a / dY and the read-modify-write of the scattered output columns) at about 300 FLOP/byte (H100 bf16
+# ridge), i.e. ≈ 2400 FLOPs, plus element-wise W0 sub-tile loads; the margin is for the latter.
+AUTO_PERMUTED_MIN_SAVED_FLOPS = 4096
+
+
+def choose_coordinates(coordinates: str, d_out: int, d_in: int, num_blocks: int) -> str:
+    """Resolve ``coordinates`` ("auto" by the size heuristic: shapes and K only, so it never depends on N)."""
+    if coordinates != "auto":
+        return coordinates
+    saved = 2 * min(d_out, d_in) * (1 - 1 / num_blocks)
+    return "permuted" if num_blocks >= 2 and saved >= AUTO_PERMUTED_MIN_SAVED_FLOPS else "original"
+
+
 def _autocast(x, x_adapter, weight, bias, lora_A, lora_B):
     """Apply an enclosing autocast the way F.linear would: activations, W0 and b to the autocast dtype; fp32 factors
     stay fp32 (the precision contract), other factors follow the activations."""
@@ -923,16 +1295,24 @@ def smoa_linear_triton(
     scale: float,
     *,
     merged_weight: bool = False,
+    coordinates: str = "original",
 ) -> torch.Tensor:
     """Same signature and result as :func:`smoa_kernels.reference.smoa_linear_reference`, any leading dims in ``x``.
 
     Pass the very same tensor object as ``x`` and ``x_adapter`` for dropout p = 0 (dx is then one fused pass).
     ``merged_weight=True`` opts into the single-dot fast path (requires ``x_adapter is x``; see the module docstring
-    for its rounding cost).
+    for its rounding cost). ``coordinates``: ``"original"`` (default: fused base + adapter GEMM over every W0 tile),
+    ``"permuted"`` (cuBLAS base GEMMs + the adapter on the diagonal blocks only) or ``"auto"`` (the size heuristic
+    :func:`choose_coordinates`); see the module docstring for the cost model.
     """
     _validate(x, x_adapter, weight, bias, lora_A, lora_B, row_order, col_order, num_blocks, scale)
     if merged_weight and x_adapter is not x:
         raise ValueError("merged_weight=True requires x_adapter to be x itself (dropout p = 0)")
+    if not isinstance(coordinates, str) or coordinates not in COORDINATES:
+        raise ValueError(f"coordinates={coordinates!r} must be one of {', '.join(map(repr, COORDINATES))}")
+    if coordinates == "permuted" and merged_weight:
+        raise ValueError("merged_weight=True runs in original coordinates: it cannot be combined with 'permuted'")
+    permuted = not merged_weight and choose_coordinates(coordinates, *weight.shape, num_blocks) == "permuted"
     x, x_adapter, weight, bias, lora_A, lora_B = _autocast(x, x_adapter, weight, bias, lora_A, lora_B)
     same = x_adapter is x
     d_in = weight.shape[1]
@@ -940,6 +1320,7 @@ def smoa_linear_triton(
     x2 = x.reshape(-1, d_in)
     xa2 = None if same else x_adapter.reshape(-1, d_in)
     y = SMoATritonFunction.apply(
-        x2, xa2, weight, bias, lora_A, lora_B, row_order, col_order, num_blocks, float(scale), bool(merged_weight)
-    )
+        x2, xa2, weight, bias, lora_A, lora_B, row_order, col_order, num_blocks, float(scale), bool(merged_weight),
+        permuted,
+    )  # fmt: skip
     return y.reshape(*lead, weight.shape[0])

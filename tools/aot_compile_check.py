@@ -1,9 +1,10 @@
 """Ahead-of-time compile check of the SMoA Triton kernels for sm_80 (A100) and sm_90 (H100), no GPU needed.
 
 Compiles every kernel of :mod:`smoa_kernels.triton_smoa` in every config of ``KERNEL_CONFIGS``, every launch variant
-(forward, forward with dropout, merged forward, dX, dX_a, factor gradient) and every dtype combination the launchers
+(forward, forward with dropout, merged forward, dX, dX_a; the permuted adapter GEMM's forward, dX, dX_a; factor
+gradient) and every dtype combination the launchers
 accept, with the specialisation the JIT would use for contiguous tensors (unit strides as constants, 16-divisible
-pointers and leading strides) and the rank padded to 16 (r_k <= 16); plus the rank padded to 64 (GEMM) / 32 (the
+pointers and leading strides) and the rank padded to 16 (r_k <= 16); plus the rank padded to 64 (GEMMs) / 32 (the
 factor gradient's rank loop) for forward, dX and factor gradient in fp32, TF32 and bf16. Registers and spills come
 from ``ptxas-blackwell -v`` (shipped with Triton in ``triton/backends/nvidia/bin``; Triton 3.9 emits PTX 9.4, which
 only that ptxas reads) on the generated PTX; shared memory from the compiled metadata; "wgmma" says whether the sm_90
@@ -51,10 +52,17 @@ GEMM_VARIANTS = {
     "dx": {"HAS_BASE": True, "XA_IS_X": True, "HAS_BIAS": False, "MERGED": False, "transpose": True},
     "dx_adapter": {"HAS_BASE": False, "XA_IS_X": True, "HAS_BIAS": False, "MERGED": False, "transpose": True},
 }
+# Launch variants of the permuted-coordinate adapter GEMM (coordinates="permuted"): forward and dX accumulate into the
+# cuBLAS base term; dX_a (dropout) overwrites its output.
+PERM_VARIANTS = {
+    "fwd": {"ACCUMULATE": True, "transpose": False},
+    "dx": {"ACCUMULATE": True, "transpose": True},
+    "dx_adapter": {"ACCUMULATE": False, "transpose": True},
+}
 RANK_PAD = 16  # the common case (r_k <= 16): the whole matrix is compiled with it
 # Larger ranks, checked on a subset of variants and dtypes: the GEMM's rank-padded tiles grow with RANK_PAD (64 is the
 # largest checked, r_k <= 64); the factor gradient switches to a rank loop above 16, identical for every larger pad.
-EXTRA_RANK_PADS = {"gemm": 64, "factor_grad": 32}
+EXTRA_RANK_PADS = {"gemm": 64, "perm_adapter": 64, "factor_grad": 32}
 EXTRA_RANK_VARIANTS = ("fwd", "dx", "factor_grad")
 EXTRA_RANK_COMBOS = (("fp32", "fp32"), ("tf32", "fp32"), ("bf16", "fp32"), ("bf16", "bf16"))
 SHARED_LIMIT = {80: 166912, 90: 232448}  # bytes of shared memory one block may use (A100: 163 KB, H100: 227 KB)
@@ -122,6 +130,42 @@ def _gemm_source(jit_fn, job: Job):
         signature[name] = "constexpr"
         constexprs[name] = value
     # Pointers are 16-byte aligned; row strides (d_in, d_out, r_k multiples of 16 in the large shapes) divisible by 16.
+    divisible = [n for n, t in signature.items() if t.startswith("*")] + [
+        n for n in strides if n not in unit and n not in ("stride_uo", "stride_vt", "stride_ut", "stride_vr")
+    ]
+    return ASTSource(fn=jit_fn, signature=signature, constexprs=constexprs, attrs=_attrs(jit_fn, divisible))
+
+
+def _perm_adapter_source(jit_fn, job: Job):
+    from triton.compiler import ASTSource
+
+    flags = PERM_VARIANTS[job.variant]
+    act, factor = f"*{_storage(job.act)}", f"*{job.factor}"
+    signature = {
+        "XP": act, "OUT": act, "W": act, "U": factor, "V": factor, "OUT_ORDER": "*i64", "RED_ORDER": "*i64",
+        "n_rows": "i32", "d_out": "i32", "d_red": "i32", "rank": "i32", "num_blocks": "i32", "n_bucket": "i32",
+        "scale": "fp32",
+    }  # fmt: skip
+    # Contiguous tensors: the gathered activations and the output (rows of d features), W0, B̂, Â as in _gemm_source.
+    if flags["transpose"]:
+        unit = {"stride_xr", "stride_oo", "stride_wo", "stride_uo", "stride_vt"}
+    else:
+        unit = {"stride_xr", "stride_oo", "stride_wr", "stride_ut", "stride_vr"}
+    strides = [
+        "stride_xn", "stride_xr", "stride_on", "stride_oo", "stride_wo", "stride_wr", "stride_uo", "stride_ut",
+        "stride_vt", "stride_vr",
+    ]  # fmt: skip
+    constexprs = {}
+    for name in strides:
+        signature[name] = "constexpr" if name in unit else "i32"
+        if name in unit:
+            constexprs[name] = 1
+    meta = config_meta(job.config)
+    const_flags = {k: v for k, v in flags.items() if k != "transpose"}
+    precision = {"DOT_PRECISION": _precision(job.act), "RANK_PAD": job.rank_pad}
+    for name, value in {**const_flags, **precision, **meta}.items():
+        signature[name] = "constexpr"
+        constexprs[name] = value
     divisible = [n for n, t in signature.items() if t.startswith("*")] + [
         n for n in strides if n not in unit and n not in ("stride_uo", "stride_vt", "stride_ut", "stride_vr")
     ]
@@ -207,7 +251,8 @@ def compile_one(job: Job) -> Result:
         from smoa_kernels import triton_smoa
 
         jit_fn = triton_smoa.jit_kernel(job.kernel, False)
-        source = _gemm_source(jit_fn, job) if job.kernel == "gemm" else _factor_grad_source(jit_fn, job)
+        builders = {"gemm": _gemm_source, "perm_adapter": _perm_adapter_source, "factor_grad": _factor_grad_source}
+        source = builders[job.kernel](jit_fn, job)
         options = {"num_warps": job.config["num_warps"], "num_stages": job.config["num_stages"]}
         compiled = triton.compile(source, target=GPUTarget("cuda", job.arch, 32), options=options)
         ptx = compiled.asm["ptx"]
@@ -224,7 +269,7 @@ def build_jobs(quick: bool = False, archs=ARCHS) -> list[Job]:
     combos = QUICK_DTYPE_COMBOS if quick else DTYPE_COMBOS
     jobs = []
     for kernel, configs in KERNEL_CONFIGS.items():
-        variants = list(GEMM_VARIANTS) if kernel == "gemm" else ["factor_grad"]
+        variants = {"gemm": list(GEMM_VARIANTS), "perm_adapter": list(PERM_VARIANTS)}.get(kernel, ["factor_grad"])
         quick_configs = {id(default_config(kernel, dtype)) for dtype in (torch.float32, torch.bfloat16)}
         for index, config in enumerate(configs):
             if quick and id(config) not in quick_configs:

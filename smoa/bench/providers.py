@@ -2,7 +2,7 @@
 
 Every provider wraps the same frozen W0 (no bias, as in Llama projections) and runs on the same ``x``/``dY``:
 
-==============  ===========================================================================================
+================  =========================================================================================
 frozen          plain ``nn.Linear``, W0 frozen, x requires grad — the 1.0 line
 lora            PEFT ``LoraConfig`` at the same total rank r (α = r, so s = 1)
 lora-eq         PEFT ``LoraConfig`` at rank r/K: the same trainable parameters as SMoA
@@ -11,7 +11,9 @@ reference       ``SMoALinear`` on the ``reference`` backend: the dense official 
 smoa-torch      ``SMoALinear`` on the ``torch`` backend (blockwise, permuted coordinates)
 smoa-triton     ``SMoALinear`` on the ``triton`` backend (exact path; CUDA only)
 smoa-triton-mw  the Triton kernels' opt-in fast path ``merged_weight=True`` (CUDA only; exact up to rounding)
-==============  ===========================================================================================
+smoa-triton-perm  the Triton kernels with ``coordinates="permuted"``: cuBLAS base GEMMs + diagonal-block adapter
+                  (exact path; CUDA only)
+================  =========================================================================================
 
 SMoA providers also get an ``inference`` row with the adapter merged (``variant="merged"``): a plain linear layer.
 Before anything is timed, :meth:`Case.check` compares a provider's output and gradients with the dense formula of
@@ -338,6 +340,30 @@ class _TritonMergedWeight(nn.Module):
         )  # fmt: skip
 
 
+class _TritonPermuted(nn.Module):
+    """The exact Triton path in permuted coordinates: ``smoa_linear_triton(..., coordinates="permuted")`` on the
+    layer's tensors (base GEMMs by cuBLAS, the adapter term on the K diagonal blocks only)."""
+
+    def __init__(self, layer: SMoALinear) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from smoa_kernels.triton_smoa import smoa_linear_triton
+
+        layer = self.layer
+        return smoa_linear_triton(
+            x, x, layer.weight, layer.bias, layer.smoa_A.weight, layer.smoa_B.weight, layer.row_order,
+            layer.col_order, layer.num_blocks, layer.scale, coordinates="permuted",
+        )  # fmt: skip
+
+
+def _build_triton_permuted(inputs: BenchInputs, r: int, num_blocks: int) -> Built:
+    built = _smoa("triton")(inputs, r, num_blocks)
+    # the [merged] inference row would be smoa-triton's: not repeated
+    return dataclasses.replace(built, module=_TritonPermuted(inputs.smoa_layer(r, num_blocks)), merged=None)
+
+
 def _build_triton_merged_weight(inputs: BenchInputs, r: int, num_blocks: int) -> Built:
     built = _smoa("triton")(inputs, r, num_blocks)
     return dataclasses.replace(built, module=_TritonMergedWeight(inputs.smoa_layer(r, num_blocks)), merged=None)
@@ -367,6 +393,11 @@ for _provider in (
         "smoa-triton-mw", "smoa-merged-weight",
         "SMoA, Triton opt-in fast path merged_weight=True (W0 + sΔW per tile; rounding, p = 0 only)",
         _build_triton_merged_weight, lambda r, K: r // K, "r,K", backend="triton", cuda_only=True,
+    ),
+    Provider(
+        "smoa-triton-perm", "smoa",
+        "SMoA, Triton exact path in permuted coordinates (cuBLAS base GEMMs + diagonal-block adapter kernel)",
+        _build_triton_permuted, lambda r, K: r // K, "r,K", backend="triton", cuda_only=True,
     ),
 ):  # fmt: skip
     register_provider(_provider)

@@ -46,6 +46,8 @@ TILE_N = default_config("gemm", torch.float16)["BLOCK_N"]  # 64: token tile of t
 TILE_O = default_config("gemm", torch.float16)["BLOCK_O"]  # 64: output-feature tile
 TILE_BAND = default_config("factor_grad", torch.float16)["BLOCK_O"]  # 64: a diagonal band's tile (factor gradient)
 assert default_config("gemm", torch.float32)["BLOCK_N"] == TILE_N
+# The permuted adapter GEMM's 16-bit default has token tiles of 128 (64 in fp32): one more case spans three of them.
+TILE_N_PERM = default_config("perm_adapter", torch.float16)["BLOCK_N"]
 
 # (lead dims of x, d_out, d_in, K, r_k, dropout, bias, layout)
 CASES = [
@@ -65,6 +67,7 @@ CASES = [
     ((11,), 36, 24, 2, 4, True, True, "strided"),  # non-contiguous x: a column slice of a wider tensor
     ((0,), 16, 16, 2, 4, False, True, "contiguous"),  # no tokens: empty output, zero factor gradients
     ((4,), 20, 24, 2, 0, True, True, "contiguous"),  # r_k = 0: the adapter contributes nothing (SPEC §6)
+    ((2 * TILE_N_PERM + 1,), 20, 18, 2, 4, True, False, "contiguous"),  # 3 token tiles of the permuted kernel
 ]
 if ON_GPU:
     CASES += [
@@ -168,25 +171,29 @@ def test_is_available_under_the_interpreter():
     assert is_available() == (True, "")
 
 
+@pytest.mark.parametrize("coordinates", ["original", "permuted"])
 @pytest.mark.parametrize("dtype, factor_dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("lead, d_out, d_in, K, r_k, dropout, bias, layout", CASES)
-def test_forward_and_grads_match_reference(lead, d_out, d_in, K, r_k, dropout, bias, layout, dtype, factor_dtype):
+def test_forward_and_grads_match_reference(
+    lead, d_out, d_in, K, r_k, dropout, bias, layout, dtype, factor_dtype, coordinates
+):
     problem = _make_inputs(lead, d_out, d_in, K, r_k, dropout, bias, layout, dtype, factor_dtype)
     expected = _run(smoa_linear_reference, problem, dtype=torch.float64, device="cpu")
-    actual = _run(smoa_linear_triton, problem)
+    actual = _run(smoa_linear_triton, problem, coordinates=coordinates)
     assert actual["y"].dtype == dtype and actual["x"].dtype == dtype and actual["lora_A"].dtype == factor_dtype
     _assert_matches(actual, expected, TOLERANCES[(dtype, factor_dtype)])
 
 
+@pytest.mark.parametrize("coordinates", ["original", "permuted"])
 @pytest.mark.parametrize("dtype, factor_dtype", DTYPES[:2], ids=lambda d: str(d).replace("torch.", ""))
-def test_adapter_term_alone_matches_reference(dtype, factor_dtype):
+def test_adapter_term_alone_matches_reference(dtype, factor_dtype, coordinates):
     # The adapter term y - (x W0ᵀ + b) is small next to the base term after training; check it on its own scale.
     problem = _make_inputs((TILE_N + 1,), 50, 45, 3, 4, False, True, "contiguous", dtype, factor_dtype)
     problem["lora_B"] = problem["lora_B"] * 1e-3  # a small update, as after a few steps from B = 0
     x, weight, bias = problem["x"], problem["weight"], problem["bias"]
     base = torch.nn.functional.linear(x.double(), weight.double(), bias.double())
     expected = _run(smoa_linear_reference, problem, dtype=torch.float64, device="cpu")["y"] - base
-    actual = _run(smoa_linear_triton, problem)["y"].double().cpu() - base
+    actual = _run(smoa_linear_triton, problem, coordinates=coordinates)["y"].double().cpu() - base
     error, magnitude = (actual - expected).abs().max().item(), expected.abs().max().item()
     # the output is rounded to the activation dtype at the base term's magnitude
     bound = TOLERANCES[(dtype, factor_dtype)] * max(magnitude, base.abs().max().item())
@@ -201,20 +208,23 @@ def test_merged_weight_fast_path_matches_reference():
     _assert_matches(actual, expected, TOLERANCES[(torch.float32, torch.float32)])
 
 
-def test_factor_gradients_are_deterministic():
+@pytest.mark.parametrize("coordinates", ["original", "permuted"])
+def test_factor_gradients_are_deterministic(coordinates):
     problem = _make_inputs((TILE_N + 3,), 70, 66, 2, 4, True, True, "contiguous", torch.float32, torch.float32)
-    first, second = _run(smoa_linear_triton, problem), _run(smoa_linear_triton, problem)
+    first = _run(smoa_linear_triton, problem, coordinates=coordinates)
+    second = _run(smoa_linear_triton, problem, coordinates=coordinates)
     for name in first:
         assert torch.equal(first[name], second[name]), name
 
 
-def test_only_requested_gradients_are_computed():
+@pytest.mark.parametrize("coordinates", ["original", "permuted"])
+def test_only_requested_gradients_are_computed(coordinates):
     problem = _make_inputs((5,), 20, 18, 2, 4, False, True, "contiguous", torch.float32, torch.float32)
     x = problem["x"].to(DEVICE)  # no grad for x
     lora_A = problem["lora_A"].to(DEVICE).requires_grad_(True)
     lora_B = problem["lora_B"].to(DEVICE)  # frozen B
     y = smoa_linear_triton(x, x, problem["weight"].to(DEVICE), None, lora_A, lora_B, problem["row_order"].to(DEVICE),
-                           problem["col_order"].to(DEVICE), 2, 0.5)  # fmt: skip
+                           problem["col_order"].to(DEVICE), 2, 0.5, coordinates=coordinates)  # fmt: skip
     y.sum().backward()
     assert lora_A.grad is not None and lora_A.grad.shape == lora_A.shape
     assert lora_B.grad is None
@@ -247,6 +257,13 @@ def test_custom_ops_are_registered_with_fake_impls():
             [True, False, True, True, True],
         )
         assert [tuple(g.shape) for g in grads] == [(7, 12), (0,), (10,), (4, 12), (10, 4)]
+        y, xa_perm = torch.ops.smoa_kernels.triton_forward_permuted(x, None, weight, None, lora_A, lora_B, *orders, 2,
+                                                                    0.5)  # fmt: skip
+        assert y.shape == (7, 10) and xa_perm.shape == (7, 12)
+        grads = torch.ops.smoa_kernels.triton_backward_permuted(
+            y, xa_perm, False, weight, lora_A, lora_B, *orders, 2, 0.5, [True, True, False, True, False]
+        )
+        assert [tuple(g.shape) for g in grads] == [(7, 12), (7, 12), (0,), (4, 12), (0,)]
 
 
 # On the CPU, "aot_eager" traces the Function and the custom ops with fake tensors (fake impls only) and then runs the
@@ -254,12 +271,30 @@ def test_custom_ops_are_registered_with_fake_impls():
 COMPILE_BACKEND = "inductor" if ON_GPU else "aot_eager"
 
 
-def test_torch_compile_traces_through_in_one_graph():
+@pytest.mark.parametrize("coordinates", ["original", "permuted"])
+def test_torch_compile_traces_through_in_one_graph(coordinates):
     problem = _make_inputs((33,), 64, 48, 2, 4, True, True, "contiguous", torch.float32, torch.float32)
     expected = _run(smoa_linear_reference, problem, dtype=torch.float64, device="cpu")
     compiled = torch.compile(smoa_linear_triton, backend=COMPILE_BACKEND, fullgraph=True)
-    actual = _run(compiled, problem)
+    actual = _run(compiled, problem, coordinates=coordinates)
     _assert_matches(actual, expected, TOLERANCES[(torch.float32, torch.float32)])
+
+
+@pytest.mark.parametrize(
+    "d_out, d_in, K, expected",
+    [(4096, 4096, 2, "permuted"), (2048, 2048, 2, "original"), (4096, 4096, 1, "original"),
+     (3072, 3072, 4, "permuted"), (768, 768, 4, "original"), (4096, 1024, 4, "original")],
+)  # fmt: skip
+def test_auto_coordinates_follow_the_documented_heuristic(d_out, d_in, K, expected):
+    assert triton_smoa.choose_coordinates("auto", d_out, d_in, K) == expected
+    assert triton_smoa.choose_coordinates("original", d_out, d_in, K) == "original"
+    assert triton_smoa.choose_coordinates("permuted", d_out, d_in, K) == "permuted"
+
+
+def test_auto_coordinates_run_and_match_reference():
+    problem = _make_inputs((9,), 40, 36, 2, 4, True, True, "contiguous", torch.float32, torch.float32)
+    expected = _run(smoa_linear_reference, problem, dtype=torch.float64, device="cpu")
+    _assert_matches(_run(smoa_linear_triton, problem, coordinates="auto"), expected, TOLERANCES[(torch.float32,) * 2])
 
 
 @pytest.mark.parametrize("n, K", [(16, 2), (67, 3), (70, 4), (5, 5), (9, 1)])
@@ -379,6 +414,22 @@ def test_merged_weight_with_dropout_is_refused():
     with pytest.raises(ValueError, match="merged_weight=True requires"):
         smoa_linear_triton(*(args[k] for k in ("x", "x_adapter", "weight", "bias", "lora_A", "lora_B", "row_order",
                                                "col_order", "num_blocks", "scale")), merged_weight=True)  # fmt: skip
+
+
+@pytest.mark.parametrize("coordinates", ["Permuted", "both", 1, None])
+def test_unknown_coordinates_are_refused(coordinates):
+    args = _good_args()
+    names = ("x", "x_adapter", "weight", "bias", "lora_A", "lora_B", "row_order", "col_order", "num_blocks", "scale")
+    with pytest.raises(ValueError, match="coordinates="):
+        smoa_linear_triton(*(args[k] for k in names), coordinates=coordinates)
+
+
+def test_merged_weight_in_permuted_coordinates_is_refused():
+    args = _good_args()
+    with pytest.raises(ValueError, match="cannot be combined with 'permuted'"):
+        smoa_linear_triton(*(args[k] for k in ("x", "x_adapter", "weight", "bias", "lora_A", "lora_B", "row_order",
+                                               "col_order", "num_blocks", "scale")), merged_weight=True,
+                           coordinates="permuted")  # fmt: skip
 
 
 @pytest.mark.skipif(ON_GPU, reason="checks the CPU error message; on a GPU machine CPU tensors are simply refused")
