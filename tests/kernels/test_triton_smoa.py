@@ -328,7 +328,8 @@ def test_autocast_runs_in_the_autocast_dtype():
     not ON_GPU or torch.cuda.get_device_properties(0).total_memory < 40 * 2**30,
     reason="needs a GPU with ≥ 40 GB: tensors above 2³¹ elements exercise the int64 offsets",
 )
-def test_int64_offsets_beyond_two_gigaelements():
+@pytest.mark.parametrize("coordinates", ["original", "permuted"])
+def test_int64_offsets_beyond_two_gigaelements(coordinates):
     # x and y have (2²⁰ + 64)·2048 > 2³¹ elements; rows are independent in the forward and in dX, so the last rows
     # (whose offsets overflow int32) are compared with the reference on those rows alone.
     n_rows, d_in, d_out, K, r_k = 2**20 + 64, 2048, 2048, 2, 16
@@ -341,7 +342,7 @@ def test_int64_offsets_beyond_two_gigaelements():
     grad_out[-64:] = problem["grad_out"].to(DEVICE)
     args = (problem["weight"].to(DEVICE), None, problem["lora_A"].to(DEVICE), problem["lora_B"].to(DEVICE),
             problem["row_order"].to(DEVICE), problem["col_order"].to(DEVICE), K, 0.5)  # fmt: skip
-    y = smoa_linear_triton(x, x, *args)
+    y = smoa_linear_triton(x, x, *args, coordinates=coordinates)
     y.backward(grad_out)
     expected = _run(smoa_linear_reference, problem, dtype=torch.float64, device="cpu")
     tol = TOLERANCES[(torch.bfloat16, torch.float32)]
