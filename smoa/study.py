@@ -423,7 +423,7 @@ def register(subparsers) -> None:
 QUICK_DEFAULTS = {
     "seeds": [0], "train_size": 320, "val_size": 200, "test_size": 400, "batch_size": 16, "out": "results/study-quick",
 }  # fmt: skip
-# sized for about an hour on 2 CPU cores shared with other jobs (see docs/study.md)
+# 38-40 runs of 50 steps; on the loaded 2-core machine of results/README.md they took 53 min as 7 parallel processes
 FULL_DEFAULTS = {
     "seeds": [0, 1, 2], "train_size": 800, "val_size": 250, "test_size": 1000, "batch_size": 16, "out": "results/study",
 }  # fmt: skip
