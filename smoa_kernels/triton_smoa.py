@@ -96,6 +96,8 @@ import types
 
 import torch
 
+from smoa_kernels.blocks import block_ids
+
 try:
     import triton
     import triton.language as tl
@@ -1086,19 +1088,6 @@ def _(grad_out, xa_perm, adapter_is_x, weight, lora_A, lora_B, row_order, col_or
     )
 
 
-def traceable_block_ids(order: torch.Tensor, num_blocks: int) -> torch.Tensor:
-    """int32 ``blk[i] = k`` for i in block k, equal to :func:`smoa_kernels.blocks.block_ids` but with static shapes
-    only (no ``repeat_interleave`` by a data-dependent count), so torch.compile traces it without unbacked sizes."""
-    n = order.numel()
-    base, extra = divmod(n, num_blocks)
-    position = torch.arange(n, device=order.device)
-    long_span = extra * (base + 1)  # the first `extra` blocks hold base + 1 elements
-    per_position = torch.where(
-        position < long_span, position // (base + 1), extra + (position - long_span) // max(base, 1)
-    ).to(torch.int32)
-    return torch.empty_like(per_position).scatter_(0, order, per_position)
-
-
 class SMoATritonFunction(torch.autograd.Function):
     """2-D autograd.Function over the custom ops. ``x_adapter=None`` means "x itself" (dropout p = 0): then dx is one
     fused pass; a distinct ``x_adapter`` gets its own gradient. W0 is frozen (no weight gradient)."""
@@ -1119,8 +1108,8 @@ class SMoATritonFunction(torch.autograd.Function):
             # x_a[:, col_order] replaces x_a (same size): the factor gradient reads exactly it.
             ctx.save_for_backward(xa_perm, weight, lora_A, lora_B, row_order, col_order)
             return out
-        blk_row = traceable_block_ids(row_order, num_blocks)
-        blk_col = traceable_block_ids(col_order, num_blocks)
+        blk_row = block_ids(row_order, num_blocks)
+        blk_col = block_ids(col_order, num_blocks)
         out = torch.ops.smoa_kernels.triton_forward(
             x, x_adapter, weight, bias, lora_A, lora_B, blk_row, blk_col, scale, merged
         )

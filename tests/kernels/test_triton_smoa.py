@@ -297,14 +297,6 @@ def test_auto_coordinates_run_and_match_reference():
     _assert_matches(_run(smoa_linear_triton, problem, coordinates="auto"), expected, TOLERANCES[(torch.float32,) * 2])
 
 
-@pytest.mark.parametrize("n, K", [(16, 2), (67, 3), (70, 4), (5, 5), (9, 1)])
-def test_traceable_block_ids_match_blocks(n, K):
-    from smoa_kernels.blocks import block_ids
-
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(n))
-    assert torch.equal(triton_smoa.traceable_block_ids(order, K), block_ids(order, K))
-
-
 @pytest.mark.skipif(not ON_GPU, reason="TF32 exists on GPUs only; the interpreter computes exact fp32")
 def test_tf32_follows_allow_tf32(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
