@@ -38,7 +38,8 @@ __all__ = ["HADAMARD_GRID", "LORA_GRID", "METHODS", "Method", "merge_studies", "
 
 LORA_GRID = (1e-3, 3e-3, 1e-2)
 HADAMARD_GRID = (3e-3, 1e-2, 3e-2)
-QUICK_LR = {"lora": 3e-3, "hadamard": 1e-2}  # --quick: no grid, one rate per family (the middle of its grid)
+# --quick: no grid; one rate per family, the rates the full study chose on validation (results/study)
+QUICK_LR = {"lora": 3e-3, "hadamard": 3e-2}
 
 
 @dataclass(frozen=True)
