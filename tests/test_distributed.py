@@ -27,21 +27,11 @@ if not torch.distributed.is_available() or not torch.distributed.is_gloo_availab
 from peft import PeftModel, get_peft_model
 
 from smoa.peft import SMoAConfig
+from tests.utils import Toy
 
 WORLD_SIZE = 2
 STEPS = 3
 LR = 0.05
-
-
-class Toy(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin0 = nn.Linear(16, 12)
-        self.act = nn.Tanh()
-        self.lin1 = nn.Linear(12, 8)
-
-    def forward(self, x):
-        return self.lin1(self.act(self.lin0(x)))
 
 
 def make_model() -> PeftModel:

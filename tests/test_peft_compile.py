@@ -7,7 +7,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 
 pytest.importorskip("peft", reason="needs the [peft] extra")
 pytest.importorskip("transformers", reason="needs the [peft] extra")
@@ -16,6 +15,7 @@ from peft import get_peft_model
 
 from smoa.backends import use_backend
 from smoa.peft import SMoAConfig
+from tests.utils import Toy
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -24,17 +24,6 @@ def one_thread():
     torch.set_num_threads(1)  # compile + tiny GEMMs: threads only add contention on a shared 2-core machine
     yield
     torch.set_num_threads(threads)
-
-
-class Toy(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin0 = nn.Linear(16, 12)
-        self.act = nn.Tanh()
-        self.lin1 = nn.Linear(12, 8)
-
-    def forward(self, x):
-        return self.lin1(self.act(self.lin0(x)))
 
 
 @pytest.fixture

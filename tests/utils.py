@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 
 # (atol, rtol) per compute dtype for comparing a fast path with the reference. fp64 is exact up to reassociation;
 # fp32 differs by summation order over ≤ a few hundred terms; half precisions by their rounding of inputs/outputs.
@@ -76,3 +77,16 @@ def grads(output: torch.Tensor, problem, grad_output: torch.Tensor | None = None
         grad_output = torch.randn(output.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     values = torch.autograd.grad(output, [problem[k] for k in names], grad_output.to(output.dtype))
     return dict(zip(names, values))
+
+
+class Toy(nn.Module):
+    """A two-layer MLP (16 → 12 → 8) for the PEFT compile and distributed tests."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(16, 12)
+        self.act = nn.Tanh()
+        self.lin1 = nn.Linear(12, 8)
+
+    def forward(self, x):
+        return self.lin1(self.act(self.lin0(x)))
