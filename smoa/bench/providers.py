@@ -322,13 +322,14 @@ def _smoa(backend: str) -> Callable[[BenchInputs, int, int], Built]:
     return build
 
 
-class _TritonMergedWeight(nn.Module):
-    """The Triton kernels' opt-in fast path: ``smoa_linear_triton(..., merged_weight=True)`` on the layer's tensors
-    (one dot per tile with ``W0 + s·ΔW`` built in registers; exact up to rounding, dropout p = 0 only)."""
+class _TritonOption(nn.Module):
+    """A Triton launch option of ``smoa_linear_triton`` on the layer's tensors: ``merged_weight=True`` (one dot per
+    tile with ``W0 + s·ΔW`` built in registers; exact up to rounding, dropout p = 0 only) or
+    ``coordinates="permuted"`` (base GEMMs by cuBLAS, the adapter term on the K diagonal blocks only)."""
 
-    def __init__(self, layer: SMoALinear) -> None:
+    def __init__(self, layer: SMoALinear, **options) -> None:
         super().__init__()
-        self.layer = layer
+        self.layer, self.options = layer, options
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from smoa_kernels.triton_smoa import smoa_linear_triton
@@ -336,37 +337,21 @@ class _TritonMergedWeight(nn.Module):
         layer = self.layer
         return smoa_linear_triton(
             x, x, layer.weight, layer.bias, layer.smoa_A.weight, layer.smoa_B.weight, layer.row_order,
-            layer.col_order, layer.num_blocks, layer.scale, merged_weight=True,
-        )  # fmt: skip
-
-
-class _TritonPermuted(nn.Module):
-    """The exact Triton path in permuted coordinates: ``smoa_linear_triton(..., coordinates="permuted")`` on the
-    layer's tensors (base GEMMs by cuBLAS, the adapter term on the K diagonal blocks only)."""
-
-    def __init__(self, layer: SMoALinear) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from smoa_kernels.triton_smoa import smoa_linear_triton
-
-        layer = self.layer
-        return smoa_linear_triton(
-            x, x, layer.weight, layer.bias, layer.smoa_A.weight, layer.smoa_B.weight, layer.row_order,
-            layer.col_order, layer.num_blocks, layer.scale, coordinates="permuted",
+            layer.col_order, layer.num_blocks, layer.scale, **self.options,
         )  # fmt: skip
 
 
 def _build_triton_permuted(inputs: BenchInputs, r: int, num_blocks: int) -> Built:
     built = _smoa("triton")(inputs, r, num_blocks)
     # the [merged] inference row would be smoa-triton's: not repeated
-    return dataclasses.replace(built, module=_TritonPermuted(inputs.smoa_layer(r, num_blocks)), merged=None)
+    module = _TritonOption(inputs.smoa_layer(r, num_blocks), coordinates="permuted")
+    return dataclasses.replace(built, module=module, merged=None)
 
 
 def _build_triton_merged_weight(inputs: BenchInputs, r: int, num_blocks: int) -> Built:
     built = _smoa("triton")(inputs, r, num_blocks)
-    return dataclasses.replace(built, module=_TritonMergedWeight(inputs.smoa_layer(r, num_blocks)), merged=None)
+    module = _TritonOption(inputs.smoa_layer(r, num_blocks), merged_weight=True)
+    return dataclasses.replace(built, module=module, merged=None)
 
 
 for _provider in (
