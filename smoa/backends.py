@@ -1,7 +1,7 @@
 """Backend choice: which implementation computes an SMoA layer.
 
 ``reference`` — the dense oracle (:mod:`smoa_kernels.reference`), the authors' formulation; ``torch`` — the blockwise
-pure-PyTorch path (:mod:`smoa_kernels.blockwise`); ``triton`` — the fused kernels (:mod:`smoa_kernels.triton_smoa`);
+pure-PyTorch path (:mod:`smoa_kernels.blockwise`); ``triton`` — the fused kernels (:mod:`smoa_kernels.triton`);
 ``auto`` — ``triton`` for CUDA tensors when it is available, ``torch`` otherwise.
 
 The active name comes from, in order: a layer's own ``backend=`` argument, the innermost :func:`use_backend` context,
@@ -56,7 +56,7 @@ def use_backend(name: str) -> Iterator[str]:
 
 def _triton_status() -> tuple[bool, str]:
     try:
-        from smoa_kernels import triton_smoa
+        from smoa_kernels import triton as triton_smoa
     except ImportError as error:  # triton not installed (macOS, Windows) or the kernels module failed to import
         return False, f"the Triton kernels cannot be imported ({error})"
     return triton_smoa.is_available()
@@ -88,7 +88,7 @@ def _implementation(name: str) -> Callable[..., torch.Tensor]:
         from smoa_kernels.blockwise import smoa_linear_blockwise
 
         return smoa_linear_blockwise
-    from smoa_kernels.triton_smoa import smoa_linear_triton
+    from smoa_kernels.triton import smoa_linear_triton
 
     return smoa_linear_triton
 

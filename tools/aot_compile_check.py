@@ -1,6 +1,6 @@
 """Ahead-of-time compile check of the SMoA Triton kernels for sm_80 (A100) and sm_90 (H100), no GPU needed.
 
-Compiles every kernel of :mod:`smoa_kernels.triton_smoa` in every config of ``KERNEL_CONFIGS``, every launch variant
+Compiles every kernel of :mod:`smoa_kernels.triton` in every config of ``KERNEL_CONFIGS``, every launch variant
 (forward, forward with dropout, merged forward, dX, dX_a; the permuted adapter GEMM's forward, dX, dX_a; factor
 gradient) and every dtype combination the launchers
 accept, with the specialisation the JIT would use for contiguous tensors (unit strides as constants, 16-divisible
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from smoa_kernels.triton_smoa import FP32_DOT_PRECISION, KERNEL_CONFIGS, config_dtypes, config_meta, default_config
+from smoa_kernels.triton.configs import FP32_DOT_PRECISION, KERNEL_CONFIGS, config_dtypes, config_meta, default_config
 
 ARCHS = (80, 90)
 # (activation/weight dtype, factor dtype) pairs the launchers accept.
@@ -210,7 +210,7 @@ def _storage(act: str) -> str:
 
 
 def _precision(act: str) -> str:
-    """The kernels' DOT_PRECISION for an activation label (see triton_smoa.FP32_DOT_PRECISION)."""
+    """The kernels' DOT_PRECISION for an activation label (see smoa_kernels.triton.configs.FP32_DOT_PRECISION)."""
     if act in ("fp32", "tf32"):
         return FP32_DOT_PRECISION[act == "tf32"]
     return "ieee"
@@ -248,7 +248,7 @@ def compile_one(job: Job) -> Result:
         import triton
         from triton.backends.compiler import GPUTarget
 
-        from smoa_kernels import triton_smoa
+        from smoa_kernels.triton import configs as triton_smoa
 
         jit_fn = triton_smoa.jit_kernel(job.kernel, False)
         builders = {"gemm": _gemm_source, "perm_adapter": _perm_adapter_source, "factor_grad": _factor_grad_source}

@@ -332,7 +332,7 @@ class _TritonOption(nn.Module):
         self.layer, self.options = layer, options
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from smoa_kernels.triton_smoa import smoa_linear_triton
+        from smoa_kernels.triton import smoa_linear_triton
 
         layer = self.layer
         return smoa_linear_triton(

@@ -17,9 +17,10 @@ import torch
 
 triton = pytest.importorskip("triton", reason="triton is not installed: the fused SMoA kernels cannot run")
 
-from smoa_kernels import triton_smoa  # noqa: E402
+from smoa_kernels import triton as triton_smoa  # noqa: E402
 from smoa_kernels.reference import smoa_linear_reference  # noqa: E402
-from smoa_kernels.triton_smoa import default_config, is_available, smoa_linear_triton  # noqa: E402
+from smoa_kernels.triton import configs as triton_configs  # noqa: E402
+from smoa_kernels.triton import default_config, is_available, smoa_linear_triton  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -435,4 +436,4 @@ def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
 
 def test_kernel_mode_is_read_at_launch_not_import():
     # The module never fixes TRITON_INTERPRET for other code: importing it leaves the environment untouched.
-    assert triton_smoa._interpreting() == (not ON_GPU)
+    assert triton_configs._interpreting() == (not ON_GPU)

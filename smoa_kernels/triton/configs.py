@@ -1,0 +1,249 @@
+"""Kernel configs (the one list), kernel construction (JIT / autotune / interpreter) and the single launch point.
+
+Every Triton kernel of smoa is launched through :func:`launch` with a name from ``KERNEL_CONFIGS``; the kernels' source
+functions are found through ``KERNEL_SOURCES``. The compile gate imports this module for the configs and captures
+launches with :func:`capture_launches`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import importlib
+import os
+import types
+from collections.abc import Iterator
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    TRITON_IMPORT_ERROR = ""
+except ImportError as _error:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = types.SimpleNamespace(constexpr=None)  # keeps the kernel annotations evaluable
+    TRITON_IMPORT_ERROR = f"triton is not importable ({_error})"
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MIN_DOT = 16  # tl.dot needs every block dimension >= 16 on the GPU
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Configs (the one list) and kernel construction
+# ----------------------------------------------------------------------------------------------------------------------
+
+# Every config shipped for each kernel. The FIRST entry valid for an activation dtype ("dtypes", optional, restricts
+# an entry to those dtypes) is the single config used under TRITON_INTERPRET=1 and with
+# torch.use_deterministic_algorithms(True). tools/aot_compile_check.py compiles all of them for sm_80/sm_90 and fails
+# on any spill, so a config that spills is removed here (or limited to the dtypes where it does not) rather than
+# shipped.
+_HALF, _FP32 = ("fp16", "bf16"), ("fp32",)
+KERNEL_CONFIGS: dict[str, list[dict]] = {
+    # Chosen with tools/aot_compile_check.py. On sm_80 ptxas caps 8-warp programs at 128 registers, so 16-bit tiles use
+    # 4 warps where they can; fp32 tiles are twice as large in registers and its 3×TF32 dots need BLOCK_R = 16 (with
+    # BLOCK_R = 32 every fp32 tile spills on sm_80). Pruned for spilling: 64×128×32/4 warps (8 B with fp32 factors),
+    # 64×64×16/4 warps and 64×128×16/8 warps in fp32, 128×64×16/4 warps (up to 360 B).
+    "gemm": [
+        {"BLOCK_O": 64, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 4, "num_stages": 3, "dtypes": _HALF},
+        {"BLOCK_O": 128, "BLOCK_N": 64, "BLOCK_R": 16, "GROUP_O": 8, "num_warps": 8, "num_stages": 3, "dtypes": _FP32},
+        {"BLOCK_O": 128, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 4, "num_stages": 3, "dtypes": _HALF},
+        {"BLOCK_O": 128, "BLOCK_N": 128, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 8, "num_stages": 3, "dtypes": _HALF},
+    ],
+    # Permuted-coordinate adapter GEMM (no base dot, no block mask). Its W0 sub-tiles and output tiles are addressed by
+    # loaded index vectors, i.e. one 64-bit pointer per element, which costs registers the "gemm" tiles do not pay: the
+    # 4-warp 16-bit tiles of "gemm" spill here (64×64×32: 48–100 B on sm_80, up to 400 B at r_k = 64; 128×64×32: 400+
+    # B), so do 128×128×32/8 warps (350–780 B) and 64×64×16/4 warps at r_k = 64; 128×64×32/8 warps spills 80 B on
+    # sm_80 for r_k > 16 only, 64×64×32/8 warps 40–56 B in dX with fp32 factors at r_k = 64 on sm_80 (any num_stages).
+    # All pruned (or rank-restricted) with tools/aot_compile_check.py.
+    "perm_adapter": [
+        {"BLOCK_O": 64, "BLOCK_N": 128, "BLOCK_R": 32, "num_warps": 8, "num_stages": 3, "dtypes": _HALF},
+        {"BLOCK_O": 128, "BLOCK_N": 64, "BLOCK_R": 16, "num_warps": 8, "num_stages": 3, "dtypes": _FP32},
+        {
+            "BLOCK_O": 64,
+            "BLOCK_N": 64,
+            "BLOCK_R": 32,
+            "num_warps": 8,
+            "num_stages": 3,
+            "dtypes": _HALF,
+            "max_rank": 16,
+        },
+        {
+            "BLOCK_O": 128,
+            "BLOCK_N": 64,
+            "BLOCK_R": 32,
+            "num_warps": 8,
+            "num_stages": 3,
+            "dtypes": _HALF,
+            "max_rank": 16,
+        },
+    ],
+    # 4 warps spill on sm_80 (the fp32 epilogue contractions); 64×128 spills 4–8 bytes, 128×128 about 1 KB, 128×64
+    # spills 16 bytes with fp32 activations (3×TF32) on sm_80 and, for r_k > 16 (the rank loop), in 16-bit too;
+    # 64×64 with BLOCK_N = 32 spills 4 bytes on sm_90 for r_k > 16. "max_rank" restricts an entry to r_k <= max_rank.
+    "factor_grad": [
+        {"BLOCK_O": 64, "BLOCK_C": 64, "BLOCK_N": 16, "num_warps": 8, "num_stages": 3},
+        {
+            "BLOCK_O": 128,
+            "BLOCK_C": 64,
+            "BLOCK_N": 32,
+            "num_warps": 8,
+            "num_stages": 3,
+            "dtypes": _HALF,
+            "max_rank": 16,
+        },
+    ],
+}
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "dtypes", "max_rank")
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# Where each kernel's @triton.jit-able Python function lives (imported lazily: this module imports no kernel module,
+# so the compile gate and the kernel modules can both import it).
+KERNEL_SOURCES = {
+    "gemm": ("smoa_kernels.triton.fused", "_smoa_gemm_kernel"),
+    "perm_adapter": ("smoa_kernels.triton.permuted", "_smoa_perm_adapter_kernel"),
+    "factor_grad": ("smoa_kernels.triton.factor_grad", "_smoa_factor_grad_kernel"),
+}
+_AUTOTUNE_KEYS = {
+    "gemm": ["d_out", "d_red", "n_bucket", "rank"],
+    "perm_adapter": ["d_out", "d_red", "n_bucket", "rank", "num_blocks"],
+    "factor_grad": ["d_out", "d_in", "n_bucket", "rank"],
+}
+# perm_adapter accumulates into OUT (read-modify-write of the base term): autotuning must restore it between trials.
+_RESET_TO_ZERO = {"gemm": None, "perm_adapter": None, "factor_grad": ["DA_PART", "DB_PART"]}
+_RESTORE_VALUE = {"gemm": None, "perm_adapter": ["OUT"], "factor_grad": None}
+_ACTIVATION_ARG = {"gemm": "X", "perm_adapter": "XP", "factor_grad": "DY_PERM"}
+
+
+def config_dtypes(entry: dict) -> tuple[str, ...]:
+    """Activation dtypes a ``KERNEL_CONFIGS`` entry is shipped for."""
+    return entry.get("dtypes", ("fp32", "fp16", "bf16"))
+
+
+def config_meta(entry: dict) -> dict:
+    """The constexpr block sizes of a ``KERNEL_CONFIGS`` entry (without launch options)."""
+    return {k: v for k, v in entry.items() if k not in _LAUNCH_OPTIONS}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+@functools.cache
+def jit_kernel(name: str, interpret: bool):
+    """The ``@triton.jit`` (or interpreted) kernel ``name``; built on first use so the mode is read at launch time."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+    try:
+        return triton.jit(raw_kernel(name))
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+@functools.cache
+def _autotuned_kernel(name: str):
+    configs = []
+    for entry in KERNEL_CONFIGS[name]:
+        config = triton.Config(config_meta(entry), num_warps=entry["num_warps"], num_stages=entry["num_stages"])
+        config.smoa_dtypes, config.smoa_max_rank = config_dtypes(entry), entry.get("max_rank")
+        configs.append(config)
+
+    def prune(configs, named_args, **kwargs):
+        dtype = _DTYPE_NAMES[named_args[_ACTIVATION_ARG[name]].dtype]
+        rank = named_args["rank"]
+        return [
+            config
+            for config in configs
+            if dtype in config.smoa_dtypes and (config.smoa_max_rank is None or rank <= config.smoa_max_rank)
+        ]
+
+    return triton.autotune(
+        configs=configs,
+        key=_AUTOTUNE_KEYS[name],
+        reset_to_zero=_RESET_TO_ZERO[name],
+        restore_value=_RESTORE_VALUE[name],
+        prune_configs_by={"early_config_prune": prune},
+    )(jit_kernel(name, False))
+
+
+def default_config(name: str, dtype: torch.dtype) -> dict:
+    """The single config of kernel ``name`` for activations of ``dtype``: the first entry shipped for that dtype (and
+    for every rank)."""
+    return next(
+        entry
+        for entry in KERNEL_CONFIGS[name]
+        if _DTYPE_NAMES[dtype] in config_dtypes(entry) and "max_rank" not in entry
+    )
+
+
+def raw_kernel(name: str):
+    """The undecorated Python function of kernel ``name`` (see ``KERNEL_SOURCES``)."""
+    module, function = KERNEL_SOURCES[name]
+    return getattr(importlib.import_module(module), function)
+
+
+@dataclasses.dataclass
+class Launch:
+    """One captured kernel launch: the kernel's name, its grid and the arguments the launcher passed."""
+
+    name: str
+    grid: object
+    args: tuple
+    constexprs: dict
+
+
+_CAPTURE: list[list[Launch]] = []
+
+
+@contextlib.contextmanager
+def capture_launches() -> Iterator[list[Launch]]:
+    """Inside the block, :func:`launch` records every launch instead of running it (outputs stay unwritten).
+
+    The compile gate (tools/kernel_report.py) runs the real launchers under it to get the exact arguments, and so the
+    specialisation, that the JIT would see."""
+    launches: list[Launch] = []
+    _CAPTURE.append(launches)
+    try:
+        yield launches
+    finally:
+        _CAPTURE.pop()
+
+
+def launch(name: str, grid, *args, **constexprs) -> None:
+    """THE launch point of every kernel: one config (interpreter, deterministic mode) or the autotuned list."""
+    if _CAPTURE:
+        _CAPTURE[-1].append(Launch(name, grid, args, constexprs))
+        return
+    if _interpreting() or torch.are_deterministic_algorithms_enabled():
+        entry = default_config(name, args[0].dtype)  # args[0]: the activations (X / XP / DY_PERM)
+        options = {"num_warps": entry["num_warps"], "num_stages": entry["num_stages"]}
+        jit_kernel(name, _interpreting())[grid](*args, **constexprs, **config_meta(entry), **options)
+    else:
+        _autotuned_kernel(name)[grid](*args, **constexprs)
+
+
+def _min_config_block(name: str, key: str) -> int:
+    return min(entry[key] for entry in KERNEL_CONFIGS[name])
+
+
+# tl.dot precision for fp32 operands, keyed by torch.backends.cuda.matmul.allow_tf32. Without TF32 the kernels use
+# three TF32 products ("tf32x3", error at the level of fp32 rounding) rather than "ieee": an FMA-based fp32 dot spills
+# hundreds of bytes of registers in every shipped tile (tools/aot_compile_check.py). 16-bit operands ignore it.
+FP32_DOT_PRECISION = {True: "tf32", False: "tf32x3"}
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype != torch.float32 or _interpreting():
+        return "ieee"  # the interpreter computes exact fp32 whatever the flag
+    return FP32_DOT_PRECISION[bool(torch.backends.cuda.matmul.allow_tf32)]
+
+
+def _rank_pad(rank: int) -> int:
+    return max(MIN_DOT, triton.next_power_of_2(max(rank, 1)))
+
+
+def _n_bucket(n_rows: int) -> int:
+    return triton.next_power_of_2(max(n_rows, 1))
