@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from smoa.backends import get_backend
-from smoa.layer import modulated_merge, modulated_unmerge, smoa_modulation
+from smoa.layer import check_smoa_arguments, modulated_merge, modulated_unmerge, smoa_modulation
 from smoa_kernels.blockwise import smoa_adapter_blockwise
 from smoa_kernels.reference import dense_delta_weight
 
@@ -146,7 +146,14 @@ class _BnbLinear(nn.Module, SMoALayer):
         SMoALayer.__init__(self, base_layer)
         self.fan_in_fan_out = False
         self._active_adapter = adapter_name
+        # the checks update_layer makes, before _prepare_base touches the bitsandbytes layer
+        check_smoa_arguments(self.in_features, self.out_features, r, config.num_blocks, lora_alpha,
+                             config.lora_dropout, config.ordering)  # fmt: skip
+        self._prepare_base()
         self.update_layer(adapter_name, r, lora_alpha, config=config)
+
+    def _prepare_base(self) -> None:
+        """Bring the bitsandbytes layer into the layout the anchor provider reads (nothing to do by default)."""
 
     def anchors(self) -> Bnb4bitAnchors | Int8Anchors:
         """The provider of ``W0[R][:, C]`` for the current quantized weight (holds references, copies nothing)."""
@@ -276,6 +283,20 @@ class Linear4bit(_BnbLinear):
     """SMoA on a bitsandbytes ``Linear4bit`` (NF4 or FP4, ``compress_statistics`` True or False)."""
 
     _kind = "4-bit"
+
+    def _prepare_base(self) -> None:
+        # On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit's weight in place at its first inference
+        # forward (another nibble layout, absmax in bf16): the W0 of inference would then differ from the W0 of
+        # training and the provider could not read it. The wrapped layer keeps the standard layout (its CPU GEMM
+        # path), and a weight that was repacked already is unpacked with bitsandbytes' own inverse (what it does
+        # before saving).
+        base = self.get_base_layer()
+        weight = base.weight
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+        base.support_avx512bf16_for_cpu = False
 
     def anchors(self) -> Bnb4bitAnchors:
         return Bnb4bitAnchors(self.get_base_layer().weight)
