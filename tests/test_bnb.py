@@ -347,7 +347,8 @@ def test_impossible_bitsandbytes_layers_are_refused_by_name():
 
 
 # ---- a real model: SmolLM2 with its linear layers in 4-bit -----------------------------------------------------------
-from tests.test_training import smollm2  # noqa: E402, F401  (the module-scoped fixture: 2 real decoder layers)
+# the module-scoped SmolLM2 fixture (2 real decoder layers) and one BLAS thread (a 2-thread SVD is 10-30× slower here)
+from tests.test_training import one_thread, smollm2  # noqa: E402, F401
 
 
 def to_4bit(model: nn.Module) -> nn.Module:
@@ -384,3 +385,21 @@ def test_smollm2_in_4bit_trains_saves_and_reloads(smollm2, tmp_path):  # noqa: F
     reloaded = PeftModel.from_pretrained(to_4bit(copy.deepcopy(fp32_model)), tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, atol=0, rtol=0)
+
+
+# ---- bench providers ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("provider", ["lora-4bit", "hira-4bit", "smoa-4bit"])
+def test_bench_providers_over_a_4bit_base_match_their_oracles(provider):
+    from smoa.bench.providers import BenchInputs, build_case
+
+    inputs = BenchInputs.make(d_in=64, d_out=48, tokens=32, dtype=torch.float32, device="cpu")
+    case = build_case(provider, inputs, r=4, num_blocks=2)
+    assert case.provider.unavailable(torch.device("cpu")) is None
+    error, saved = case.check()
+    assert error <= 1e-5, f"{provider}: {error}"
+    w_bytes = 64 * 48 * 4
+    if provider == "hira-4bit":  # PEFT's HiRA keeps the dense dequantized W0 ⊙ BA for backward
+        assert saved >= w_bytes
+    else:  # LoRA keeps x; SMoA keeps x (nothing weight-sized: anchors are regenerated from the 4-bit data)
+        assert saved < w_bytes
+    assert case.step("full")()[0].shape == (32, 64)
