@@ -67,7 +67,24 @@ def quantize_linear(linear: nn.Linear, kind: str, quant_type: str = "nf4", doubl
 
 
 def dequantized(layer: nn.Module) -> torch.Tensor:
-    return dequantize_bnb_weight(layer.weight, getattr(layer, "state", None)).float()
+    """W0 as the quantized format defines it, in fp32: PEFT's ``dequantize_bnb_weight`` for int8; for 4-bit,
+    bitsandbytes' op over the flat data (blocks run over the flattened weight; its CPU kernel given the 2-D shape is
+    off when d_in is not a multiple of the block, e.g. 64×96)."""
+    return dequantized_param(layer.weight, getattr(layer, "state", None))
+
+
+def dequantized_param(weight: torch.Tensor, int8_state=None) -> torch.Tensor:
+    if not isinstance(weight, bnb.nn.Params4bit):
+        return dequantize_bnb_weight(weight, int8_state).float()
+    state = weight.quant_state
+    absmax = state.absmax
+    if state.nested:
+        absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    shape = tuple(state.shape)
+    flat = torch.ops.bitsandbytes.dequantize_4bit.default(
+        weight.data.reshape(-1), absmax.float(), state.blocksize, state.quant_type, [shape[0] * shape[1]], state.dtype
+    )
+    return flat.view(shape).float()
 
 
 class Net(nn.Module):
@@ -113,6 +130,7 @@ def reference_output(layer, x, x_adapter, name="default"):
     [
         (40, 128),  # d_in a multiple of the 64-element quantization block: rows are whole blocks
         (37, 100),  # d_in not a multiple: a row starts mid-block
+        (64, 96),  # the same with an even d_out×d_in (where bitsandbytes' 2-D CPU dequantization is off)
         (9, 37),  # odd d_in and an odd number of elements: rows start mid-byte, the last block is partial
     ],
 )
@@ -120,7 +138,7 @@ def test_anchors_equal_bitsandbytes_dequantization(fmt, d_out, d_in):
     torch.manual_seed(0)
     layer = quantize_linear(nn.Linear(d_in, d_out), *fmt)
     anchors = Bnb4bitAnchors(layer.weight) if fmt[0] == "4bit" else Int8Anchors(layer.weight, layer.state)
-    expected = dequantize_bnb_weight(layer.weight, getattr(layer, "state", None))
+    expected = dequantized(layer)
     gen = torch.Generator().manual_seed(1)
     rows = torch.cat([torch.tensor([d_out - 1, 0]), torch.randperm(d_out, generator=gen)[: d_out // 2]])
     cols = torch.randperm(d_in, generator=gen)[: max(1, d_in // 3)]
@@ -188,6 +206,36 @@ def test_dropout_matches_the_reference_with_the_same_mask(fmt):
         assert_close(g, w, scale=w.abs().max().item())
 
 
+@pytest.mark.parametrize("autocast_adapter_dtype, factor_dtype", [(True, torch.float32), (False, torch.bfloat16)])
+def test_bf16_base_with_fp32_or_compute_dtype_factors(autocast_adapter_dtype, factor_dtype):
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 64).to(torch.bfloat16)
+    layer = bnb.nn.Linear4bit(96, 64, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
+    layer.weight = bnb.nn.Params4bit(linear.weight.detach().clone(), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True)  # fmt: skip
+    layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    config = SMoAConfig(r=4, num_blocks=2, init_weights=False, target_modules=["0"])
+    model = get_peft_model(nn.Sequential(layer.to("cpu")), config, autocast_adapter_dtype=autocast_adapter_dtype)
+    smoa_layer = model.base_model.model[0]
+    A, B = smoa_layer.smoa_A["default"].weight, smoa_layer.smoa_B["default"].weight
+    assert A.dtype == B.dtype == factor_dtype  # PEFT's rule: the compute dtype, upcast to fp32 by default
+    x = torch.randn(5, 96, dtype=torch.bfloat16, requires_grad=True)
+    actual = model(x)
+    assert actual.dtype == torch.bfloat16
+    base = smoa_layer.get_base_layer()
+    weight = dequantized(base).to(torch.bfloat16)  # what bitsandbytes computes with
+    expected = smoa_linear_reference(
+        x, x, weight, base.bias, A, B, smoa_layer.smoa_row_order["default"], smoa_layer.smoa_col_order["default"], 2,
+        smoa_layer.scaling["default"],
+    )  # fmt: skip
+    assert_close(actual, expected, scale=expected.abs().max().item(), dtype=torch.bfloat16)
+    got = torch.autograd.grad(actual.float().sum(), [x, A, B])
+    want = torch.autograd.grad(expected.float().sum(), [x, A, B])
+    for name, g, w in zip("xAB", got, want):
+        assert g.dtype == w.dtype, name
+        assert_close(g, w, scale=w.abs().max().item(), dtype=torch.bfloat16)
+
+
 def test_nothing_weight_sized_is_kept_for_backward_or_in_the_layer():
     d_in, d_out = 128, 96
     base = nn.Sequential(quantize_linear(nn.Linear(d_in, d_out), "4bit", "nf4", True))
@@ -251,7 +299,7 @@ def requantized(weight: torch.Tensor, like: nn.Module) -> torch.Tensor:
     if isinstance(like, bnb.nn.Linear4bit):
         param = bnb.nn.Params4bit(weight.clone(), requires_grad=False, quant_type=like.weight.quant_type,
                                   compress_statistics=like.weight.compress_statistics).to("cpu")  # fmt: skip
-        return bnb.functional.dequantize_4bit(param.data, param.quant_state).float()
+        return dequantized_param(param)
     param = bnb.nn.Int8Params(weight.clone(), requires_grad=False, has_fp16_weights=False).to("cpu")
     return bnb.functional.int8_vectorwise_dequant(param.data, param.SCB).float()
 

@@ -101,7 +101,7 @@ class Bnb4bitAnchors:
         packed = self.packed.index_select(0, byte_index.clamp_(max=self.packed.numel() - 1))
         values = torch.ops.bitsandbytes.dequantize_4bit.default(
             packed, self._absmax(blocks), bs, self.state.quant_type, [blocks.numel() * bs], self.state.dtype
-        ).view(R.numel(), per_row * bs)
+        ).view(R.numel(), per_row * bs)  # a flat shape: see dense()
         if start is None:
             return values
         return values.gather(1, start.unsqueeze(1) + torch.arange(d_in, device=R.device))
@@ -110,8 +110,17 @@ class Bnb4bitAnchors:
         return self.rows(R).index_select(1, C)
 
     def dense(self) -> torch.Tensor:
-        """The whole dequantized W0 (d_out×d_in), bitsandbytes' ``dequantize_4bit``."""
-        return _bnb().functional.dequantize_4bit(self.data, self.state)
+        """The whole dequantized W0 (d_out×d_in): bitsandbytes' ``dequantize_4bit`` op over the flat data.
+
+        Flat, because bitsandbytes 0.50's CPU kernel, given the 2-D shape, indexes absmax per row and returns other
+        values when ``d_in`` is not a multiple of ``blocksize`` (e.g. 64×96; the quantization blocks run over the
+        flattened weight)."""
+        state = self.state
+        absmax = self._absmax(torch.arange(self.num_quant_blocks, device=state.absmax.device))
+        numel = self.d_out * self.d_in
+        return torch.ops.bitsandbytes.dequantize_4bit.default(
+            self.packed, absmax, self.blocksize, state.quant_type, [numel], state.dtype
+        ).view(self.d_out, self.d_in)
 
 
 class Int8Anchors:
