@@ -236,6 +236,28 @@ def test_bf16_base_with_fp32_or_compute_dtype_factors(autocast_adapter_dtype, fa
         assert_close(g, w, scale=w.abs().max().item(), dtype=torch.bfloat16)
 
 
+def test_int8_with_outlier_threshold_matches_the_reference():
+    # LLM.int8() with threshold 6 (transformers' default): the outlier column of x goes through bitsandbytes' fp16
+    # decomposition in the base term; the adapter term is SMoA's on the int8-dequantized W0 either way
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 40)
+    layer = bnb.nn.Linear8bitLt(64, 40, has_fp16_weights=False, threshold=6.0)
+    layer.weight = bnb.nn.Int8Params(linear.weight.detach().clone(), requires_grad=False, has_fp16_weights=False)
+    layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    model = get_peft_model(nn.Sequential(layer.to("cpu")), SMoAConfig(r=4, num_blocks=2, init_weights=False,
+                                                                      target_modules=["0"]))  # fmt: skip
+    smoa_layer = model.base_model.model[0]
+    A, B = smoa_layer.smoa_A["default"].weight, smoa_layer.smoa_B["default"].weight
+    x = torch.randn(5, 64)
+    x[:, 3] = 20.0  # an outlier feature
+    x.requires_grad_(True)
+    actual = model(x)
+    expected = reference_output(smoa_layer, x, x)
+    assert_close(actual, expected, scale=expected.abs().max().item())
+    for g, w in zip(torch.autograd.grad(actual.sum(), [x, A, B]), torch.autograd.grad(expected.sum(), [x, A, B])):
+        assert_close(g, w, scale=w.abs().max().item())
+
+
 def test_nothing_weight_sized_is_kept_for_backward_or_in_the_layer():
     d_in, d_out = 128, 96
     base = nn.Sequential(quantize_linear(nn.Linear(d_in, d_out), "4bit", "nf4", True))
