@@ -517,3 +517,16 @@ def test_minilm_loaded_by_transformers_in_kbit(bits, tmp_path):
     reloaded = PeftModel.from_pretrained(load(), tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, expected, atol=0, rtol=0)
+
+
+def test_two_adapters_merge_into_one_requantization():
+    model = get_peft_model(Net(64, 40, 24), SMoAConfig(r=4, num_blocks=2, init_weights=False,
+                                                       target_modules=["lin0", "lin1"]))  # fmt: skip
+    model.add_adapter("other", SMoAConfig(r=2, num_blocks=1, init_weights=False, target_modules=["lin0"]))
+    layer = model.base_model.model.lin0
+    original = dequantized(layer.get_base_layer())
+    deltas = layer.get_delta_weight("default") + layer.get_delta_weight("other")
+    expected = requantized(original + deltas, layer.get_base_layer())
+    with pytest.warns(UserWarning, match="Merge smoa module to 4-bit linear"):
+        merged = model.merge_and_unload(adapter_names=["default", "other"])
+    torch.testing.assert_close(dequantized(merged.lin0), expected, atol=1e-6, rtol=1e-6)
