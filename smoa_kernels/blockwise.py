@@ -16,27 +16,60 @@ copy. Every gathered slice (``x_a[:, C_k]``, ``dY[:, R_k]``, the per-block produ
 so the transient overhead is about N·D/K elements; the scale s is folded into the anchor, the smallest operand.
 With no dropout (``x_a is x``) the adapter's input gradient is added in place into the base one.
 Precision follows :mod:`smoa_kernels.reference`: base in the input dtype, adapter in the factors' dtype.
+
+Quantized bases (:mod:`smoa.peft.bnb`): :class:`SMoABlockwiseAdapterFunction` computes the adapter term alone,
+``s · x_a ΔWᵀ``, with the same per-block loops, taking each anchor from a callable ``anchors(R_k, C_k)`` that returns
+``W0[R_k][:, C_k]`` — e.g. dequantized from 4-bit data for that block only — so W0 is never needed densely; the base
+term then comes from the quantized layer's own GEMM. The provider is called once per block in the forward and once
+per block in the backward (the anchor is regenerated, never saved).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from smoa_kernels.blocks import block_bounds
 
-__all__ = ["SMoABlockwiseFunction", "smoa_linear_blockwise"]
+__all__ = [
+    "AnchorProvider",
+    "SMoABlockwiseAdapterFunction",
+    "SMoABlockwiseFunction",
+    "smoa_adapter_blockwise",
+    "smoa_linear_blockwise",
+]
+
+# anchors(R_k, C_k) -> W0[R_k][:, C_k] (|R_k|×|C_k|, any floating dtype): where a quantized base gets its anchors from
+AnchorProvider = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _blocks(weight, lora_A, lora_B, row_order, col_order, num_blocks, scale):
+def _blocks(weight, lora_A, lora_B, row_order, col_order, num_blocks, scale, anchors=None):
     """Yield ``(R_k, C_k, A_k, B_k, s·M_k)`` per block: original indices, the block's factors and its anchor gathered
-    in the factors' dtype with the scale folded in (|R_k|×|C_k|, the smallest operand, where s costs least)."""
+    in the factors' dtype with the scale folded in (|R_k|×|C_k|, the smallest operand, where s costs least).
+    The anchor is gathered from ``weight``, or asked of ``anchors(R_k, C_k)`` when a provider is given."""
     for (r0, r1), (c0, c1) in zip(
         block_bounds(row_order.numel(), num_blocks), block_bounds(col_order.numel(), num_blocks)
     ):
         R_k, C_k = row_order[r0:r1], col_order[c0:c1]
-        anchor = weight.index_select(0, R_k)[:, C_k].to(lora_A.dtype) * scale
-        yield R_k, C_k, lora_A[:, C_k], lora_B[R_k, :], anchor
+        anchor = weight.index_select(0, R_k)[:, C_k] if anchors is None else anchors(R_k, C_k)
+        yield R_k, C_k, lora_A[:, C_k], lora_B[R_k, :], anchor.to(lora_A.dtype) * scale
+
+
+def _adapter_backward(blocks, grad_out, x_adapter, grad_xa, grad_A, grad_B):
+    """The adapter's share of the backward (module docstring), accumulated block by block into ``grad_xa``
+    (in place, may be None) and written into ``grad_A``/``grad_B`` (None: not needed)."""
+    for R_k, C_k, A_k, B_k, anchor in blocks:
+        dy_k = grad_out.index_select(1, R_k).to(A_k.dtype)
+        if grad_xa is not None:
+            grad_xa.index_add_(1, C_k, (dy_k @ ((B_k @ A_k) * anchor)).to(grad_xa.dtype))
+        if grad_A is not None or grad_B is not None:
+            h_k = (dy_k.T @ x_adapter.index_select(1, C_k).to(A_k.dtype)) * anchor
+            if grad_A is not None:  # autocast may have computed these in half precision
+                grad_A[:, C_k] = (B_k.T @ h_k).to(grad_A.dtype)
+            if grad_B is not None:
+                grad_B[R_k, :] = (h_k @ A_k.T).to(grad_B.dtype)
 
 
 class SMoABlockwiseFunction(torch.autograd.Function):
@@ -79,16 +112,7 @@ class SMoABlockwiseFunction(torch.autograd.Function):
             grad_B = torch.zeros_like(lora_B)
         if need_xa or need_A or need_B:
             blocks = _blocks(weight, lora_A, lora_B, row_order, col_order, ctx.num_blocks, ctx.scale)
-            for R_k, C_k, A_k, B_k, anchor in blocks:
-                dy_k = grad_out.index_select(1, R_k).to(lora_A.dtype)
-                if need_xa:
-                    grad_xa.index_add_(1, C_k, (dy_k @ ((B_k @ A_k) * anchor)).to(grad_xa.dtype))
-                if need_A or need_B:
-                    h_k = (dy_k.T @ x_adapter.index_select(1, C_k).to(lora_A.dtype)) * anchor
-                    if need_A:  # autocast may have computed these in half precision
-                        grad_A[:, C_k] = (B_k.T @ h_k).to(grad_A.dtype)
-                    if need_B:
-                        grad_B[R_k, :] = (h_k @ A_k.T).to(grad_B.dtype)
+            _adapter_backward(blocks, grad_out, x_adapter, grad_xa, grad_A, grad_B)
         if grad_xa is grad_x:
             grad_xa = None
         return grad_x, grad_xa, None, grad_bias, grad_A, grad_B, None, None, None, None
@@ -103,3 +127,59 @@ def smoa_linear_blockwise(x, x_adapter, weight, bias, lora_A, lora_B, row_order,
         x2d, xa2d, weight, bias, lora_A, lora_B, row_order, col_order, num_blocks, float(scale)
     )
     return y.reshape(*lead, weight.shape[0])
+
+
+class SMoABlockwiseAdapterFunction(torch.autograd.Function):
+    """2-D autograd.Function for the adapter term alone, ``s · x_a ΔWᵀ`` (no base GEMM, no bias), with every anchor
+    ``W0[R_k][:, C_k]`` taken from ``anchors`` (an :data:`AnchorProvider`) block by block, in the forward and again in
+    the backward. Gradients: ``x_a`` (the adapter's share only), ``A`` and ``B``. The result has ``x_a``'s dtype."""
+
+    @staticmethod
+    def forward(ctx, x_adapter, lora_A, lora_B, row_order, col_order, num_blocks, scale, anchors):
+        out = x_adapter.new_zeros(x_adapter.shape[0], row_order.numel(), dtype=lora_A.dtype)
+        for R_k, C_k, A_k, B_k, anchor in _blocks(None, lora_A, lora_B, row_order, col_order, num_blocks, scale,
+                                                  anchors):  # fmt: skip
+            x_k = x_adapter.index_select(1, C_k).to(lora_A.dtype)
+            out.index_add_(1, R_k, (x_k @ ((B_k @ A_k) * anchor).T).to(out.dtype))
+        ctx.save_for_backward(x_adapter, lora_A, lora_B, row_order, col_order)
+        ctx.num_blocks, ctx.scale, ctx.anchors = num_blocks, scale, anchors
+        device = x_adapter.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+        return out.to(x_adapter.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        device, dtype, enabled = ctx.autocast
+        x_adapter, lora_A, lora_B, row_order, col_order = ctx.saved_tensors
+        need_xa, need_A, need_B = ctx.needs_input_grad[:3]
+        grad_xa = torch.zeros_like(x_adapter) if need_xa else None
+        grad_A = torch.zeros_like(lora_A) if need_A else None
+        grad_B = torch.zeros_like(lora_B) if need_B else None
+        if need_xa or need_A or need_B:
+            with torch.autocast(device_type=device, dtype=dtype, enabled=enabled):
+                blocks = _blocks(None, lora_A, lora_B, row_order, col_order, ctx.num_blocks, ctx.scale, ctx.anchors)
+                _adapter_backward(blocks, grad_out, x_adapter, grad_xa, grad_A, grad_B)
+        return grad_xa, grad_A, grad_B, None, None, None, None, None
+
+
+def smoa_adapter_blockwise(
+    x_adapter: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    row_order: torch.Tensor,
+    col_order: torch.Tensor,
+    num_blocks: int,
+    scale: float,
+    anchors: AnchorProvider,
+) -> torch.Tensor:
+    """``s · x_adapter ΔWᵀ`` (SPEC §2, the adapter term only; any leading dims) with ``M_k = anchors(R_k, C_k)``.
+
+    ``smoa_linear_blockwise(x, x_a, W0, b, ...) == F.linear(x, W0, b) + smoa_adapter_blockwise(x_a, ..., anchors)``
+    for ``anchors = lambda R, C: W0[R][:, C]``; a quantized base passes a provider that dequantizes one block at a time.
+    """
+    lead = x_adapter.shape[:-1]
+    y = SMoABlockwiseAdapterFunction.apply(
+        x_adapter.reshape(-1, x_adapter.shape[-1]), lora_A, lora_B, row_order, col_order, num_blocks, float(scale),
+        anchors,
+    )  # fmt: skip
+    return y.reshape(*lead, row_order.numel())

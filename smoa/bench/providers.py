@@ -498,3 +498,7 @@ def build_case(provider: str | Provider, inputs: BenchInputs, r: int, num_blocks
         raise ValueError(f"provider {provider.name!r} has no merged variant")
     built = provider.build(inputs, r, num_blocks)
     return Case(provider, inputs, built, variant)
+
+
+# providers in their own modules (each registers itself)
+from smoa.bench import providers_bnb  # noqa: E402, F401

@@ -3,8 +3,8 @@
 Beyond PEFT's template (``tuners/hira/model.py``) it guarantees the "bad input leaves the model unchanged" contract:
 
 - attaching (``get_peft_model``, ``add_adapter``) is all-or-nothing: a target SMoA cannot adapt (a non-Linear
-  module, a quantized base, an invalid ``r``/``num_blocks`` for its shape) raises and every layer already wrapped is
-  rolled back;
+  module, a quantized layer that is not bitsandbytes' — those go to ``smoa.peft.bnb`` —, an invalid
+  ``r``/``num_blocks`` for its shape) raises and every layer already wrapped is rolled back;
 - loading (``PeftModel.from_pretrained``, ``load_adapter``) checks the whole checkpoint against the model — every
   SMoA layer has its factors and orders, shapes match, orders are permutations — before a single tensor is copied,
   and on failure removes the adapter it had attached for that checkpoint.
@@ -20,21 +20,11 @@ from torch import nn
 
 from smoa.partition import validate_order
 
+from .bnb import dispatch_bnb
 from .config import SMoAConfig
 from .layer import SMoALayer, dispatch_default
 
 __all__ = ["SMoAModel"]
-
-_QUANTIZED_FLAGS = ("is_loaded_in_8bit", "is_loaded_in_4bit")
-
-
-def _check_not_quantized(model: nn.Module) -> None:
-    flags = [flag for flag in _QUANTIZED_FLAGS if getattr(model, flag, False)]
-    if flags:
-        raise NotImplementedError(
-            f"SMoA on a quantized base model ({', '.join(flags)}) is not supported yet: the spectral partition and the "
-            "update ΔW = (BA) ⊙ W0 need W0 as a dense floating-point weight. Load the base model in bf16/fp16/fp32."
-        )
 
 
 def _is_quantized_layer(layer: nn.Module) -> bool:
@@ -65,7 +55,7 @@ class SMoAModel(BaseTuner):
 
     # ---- injection ----------------------------------------------------------------------------------------------
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
-        _check_not_quantized(model)
+        # a model loaded in 4/8-bit (is_loaded_in_4bit/8bit) is fine: each layer is dispatched on its own type
         existing = {id(module) for module in model.modules() if isinstance(module, SMoALayer)}
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
@@ -83,12 +73,15 @@ class SMoAModel(BaseTuner):
             target.update_layer(adapter_name, r, alpha, config=config)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if _is_quantized_layer(base):
+        new_module = dispatch_bnb(target, adapter_name, config, target_name=current_key, **kwargs)
+        if new_module is None and _is_quantized_layer(base):
             raise NotImplementedError(
-                f"target module {current_key!r} is a quantized {type(base).__name__}: SMoA on 8-bit/4-bit base layers "
-                "is not supported yet"
+                f"target module {current_key!r} is a quantized {type(base).__module__}.{type(base).__name__}: SMoA "
+                "supports bitsandbytes Linear4bit/Linear8bitLt quantized bases only (not GPTQ/AWQ/HQQ/torchao/...); "
+                "load the base in bitsandbytes 4/8-bit or in bf16/fp16/fp32, or exclude the module"
             )
-        new_module = dispatch_default(target, adapter_name, config, **kwargs)
+        if new_module is None:
+            new_module = dispatch_default(target, adapter_name, config, **kwargs)
         if new_module is None:
             raise TypeError(
                 f"target module {current_key!r} is a {type(base).__name__}; SMoA supports torch.nn.Linear and "
