@@ -53,10 +53,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated (silences its warning)
-# Triton's own @jit helpers (tl.cdiv, ...) are built at import time in the mode TRITON_INTERPRET says then: import it
-# compiled; the interpreter mode is switched on only around the captured calls (so CPU tensors validate).
-if __name__ == "__main__" or "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "0"
+# Triton's own @jit helpers (tl.cdiv, ...) are built at import time in the mode TRITON_INTERPRET says then, so the
+# compiles run in fresh worker processes that import Triton compiled (run_jobs); this process switches the interpreter
+# on only around the captured calls (so that CPU tensors validate).
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -528,10 +527,12 @@ def run_jobs(jobs: list[Job], workers: int) -> list[dict]:
     mode this process imported it in."""
     if not jobs:
         return []
-    env = {"TRITON_INTERPRET": "0", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tools"),
-                                                                    os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    env = {"TRITON_INTERPRET": "0"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    for path in (str(ROOT / "tools"), str(ROOT)):  # spawned workers get this sys.path: they import this module
+        if path not in sys.path:
+            sys.path.append(path)
     try:
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=max(1, min(workers, len(jobs))), mp_context=context) as pool:
