@@ -69,6 +69,7 @@ LIMITS = {
     80: {"regs": 65536, "smem_sm": 167936, "smem_block": 166912, "warps": 64, "ctas": 32, "smem_reserved": 1024},
     90: {"regs": 65536, "smem_sm": 233472, "smem_block": 232448, "warps": 64, "ctas": 32, "smem_reserved": 1024},
 }
+SCHEMA = "smoa-kernel-report/1"  # the --json layout (README, "Compile gate")
 YARDSTICK_SIZE = 4096  # M = N = K of the yardstick's launch (divisible by 16, like the canonical layer)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _TRITON_BIN = None
@@ -144,7 +145,7 @@ class _NoVendorCompute(torch.utils._python_dispatch.TorchDispatchMode):
     """Returns uninitialised outputs for matrix products (vendor GEMMs) instead of computing them on the CPU; the
     smoa custom ops are entered with the mode still active so that their inner GEMMs are skipped too."""
 
-    SKIP = ("mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "_scaled_mm")
+    SKIP = ("mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "_scaled_mm", "addmm_", "baddbmm_")
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -155,10 +156,21 @@ class _NoVendorCompute(torch.utils._python_dispatch.TorchDispatchMode):
             if opdef is not None:
                 with self:
                     return opdef._init_fn(*args, **kwargs)
-        if func.namespace == "aten" and func.__name__.split(".")[0] in self.SKIP:
-            meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
-            out = func(*meta, **kwargs)
-            return torch.empty(out.shape, dtype=out.dtype)
+        name = func.__name__.split(".")[0]
+        if func.namespace == "aten" and name in self.SKIP:
+            if "out" in kwargs:  # out= variants: the output buffer, unwritten
+                return kwargs["out"]
+            if name.endswith("_"):  # in-place variants: the first argument, unchanged
+                return args[0]
+            if name in ("mm", "bmm"):
+                left, right = args[0], args[1]
+            elif name in ("addmm", "baddbmm"):
+                left, right = args[1], args[2]
+            else:  # rare: let the meta kernels say the shape
+                meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
+                out = func(*meta, **{k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+                return torch.empty(out.shape, dtype=out.dtype)
+            return torch.empty((*left.shape[:-1], right.shape[-1]), dtype=left.dtype)
         return func(*args, **kwargs)
 
 
@@ -269,8 +281,8 @@ def build_jobs(captures: list[Capture], quick: bool, archs=ARCHS) -> list[Job]:
 
     jobs: dict[str, Job] = {}
     for cap in captures:
-        label = f"{cap.scenario.name} / {cap.path}"
-        for launch in cap.launches:
+        for position, launch in enumerate(cap.launches):
+            label = f"{cap.scenario.name} / {cap.path} #{position}"  # #i: the call's i-th launch (fwd first)
             jit_fn = configs.jit_kernel(launch.name, False)
             dtype = _dtype_label(launch.args[0])  # the activations (configs.launch picks configs by args[0])
             default = configs.default_config(launch.name, launch.args[0].dtype)
@@ -706,7 +718,8 @@ def report(quick: bool = False, workers: int = 2, archs=ARCHS, scenarios=SCENARI
                      "yardstick": yard, "failures": fails, "_job": job})  # fmt: skip
     est = estimates()
     return {
-        "triton": triton.__version__, "torch": torch.__version__, "quick": quick, "archs": list(archs),
+        "schema": SCHEMA, "triton": triton.__version__, "torch": torch.__version__, "quick": quick,
+        "archs": list(archs),
         "dispatch_keyword": keyword, "dispatch_values": list(values),
         "captures": [{"scenario": dataclasses.asdict(c.scenario), "path": c.path, "launches":
                       [launch.name for launch in c.launches], "error": c.error, "offered": c.offered}
