@@ -284,8 +284,10 @@ def build_jobs(captures: list[Capture], quick: bool, archs=ARCHS) -> list[Job]:
         for position, launch in enumerate(cap.launches):
             label = f"{cap.scenario.name} / {cap.path} #{position}"  # #i: the call's i-th launch (fwd first)
             jit_fn = configs.jit_kernel(launch.name, False)
-            dtype = _dtype_label(launch.args[0])  # the activations (configs.launch picks configs by args[0])
-            default = configs.default_config(launch.name, launch.args[0].dtype)
+            # the activations: configs.launch picks the config by args[0]'s dtype
+            first = next(a for a in launch.args if isinstance(a, torch.Tensor))
+            dtype = _dtype_label(first)
+            default = configs.default_config(launch.name, first.dtype)
             for index, entry in enumerate(configs.KERNEL_CONFIGS[launch.name]):
                 if dtype not in configs.config_dtypes(entry) or (quick and entry is not default):
                     continue
@@ -632,6 +634,7 @@ def format_row(job: Job, result: dict, yard: dict | None, fails: list[str]) -> s
         f"{'-' if loop.get('groups_in_flight') is None else loop['groups_in_flight']!s:>4}",
         f"{loop.get('full_drains', '-')!s:>4}",
         f"{'-' if ratio is None else f'{ratio:.1f}':>6}", f"{'-' if yard_ratio is None else f'{yard_ratio:.1f}':>6}",
+        f"{loop.get('non_mma', '-')!s:>5}", f"{((yard or {}).get('main_loop') or {}).get('non_mma', '-')!s:>5}",
     ]  # fmt: skip
     used = job.used_by[0] + (f" +{len(job.used_by) - 1}" if len(job.used_by) > 1 else "") if job.used_by else ""
     status = "FAIL: " + "; ".join(fails) if fails else "ok"
@@ -640,13 +643,15 @@ def format_row(job: Job, result: dict, yard: dict | None, fails: list[str]) -> s
 
 HEADER = (
     f"{'kernel':<13} {'config':<19} {'dtype':<5} {'arch':<6} {'regs':>4} {'spill':>6} {'smem':>7} {'CTA':>4} "
-    f"{'mma':>4} {'async':>5} {'ld16':>5} {'fly':>4} {'drn':>4} {'nm/mma':>6} {'yard':>6}  status   [variant]"
+    f"{'mma':>4} {'async':>5} {'ld16':>5} {'fly':>4} {'drn':>4} {'nm/mma':>6} {'yard':>6} {'nm/it':>5} {'yard':>5}  "
+    "status   [variant] (first launch using it +others)"
 )
 LEGEND = (
     "regs/spill: ptxas -v (spill = spill-store bytes); smem: bytes per CTA; CTA: CTAs/SM; main loop (SASS): mma = "
     "tensor-core instructions present, async = LDGSTS + TMA loads, ld16 = scalar 16-bit global loads, fly = "
     "tensor-core groups left in flight by the loop's tightest wait (sm_90), drn = full drains per iteration, "
-    "nm/mma = non-MMA instructions per MMA, yard = the same for the yardstick tiled GEMM at the same tile"
+    "nm/mma = non-MMA instructions per MMA, nm/it = non-MMA instructions per iteration, yard = the same for the "
+    "yardstick tiled GEMM at the same tile; #i = the i-th launch of that call"
 )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import json
 import sys
 from pathlib import Path
 from typing import Literal
@@ -206,3 +207,38 @@ def test_real_compiles_for_both_archs():
     loop = yard80["main_loop"]
     assert loop["mma"] > 0 and loop["async_copies"] > 0 and loop["scalar16_loads"] == 0
     assert yard80["main_dot"] == {"M": 64, "N": 64, "K": 32, "dtype": "fp16", "precision": "ieee"}
+
+
+def test_report_end_to_end_with_canned_compiles(monkeypatch):
+    # the whole pipeline (capture → jobs → yardsticks → verdicts → table → JSON) with the compiles replaced by
+    # canned figures: a clean kernel passes, one spill anywhere fails the whole gate
+    def clean(job):
+        loop = {"instructions": 40, "mma": 4, "non_mma": 36, "non_mma_per_mma": 9.0, "async_copies": 4, "tma_loads": 0,
+                "scalar16_loads": 0, "global_loads": 4, "wgmma_waits": 1, "full_drains": 0, "groups_in_flight": 1,
+                "barriers": 1, "fences": 0}  # fmt: skip
+        dot = {"M": 64, "N": 64, "K": 32, "dtype": job.dtype or "fp16", "precision": "ieee"}
+        return {"key": job.key(), "error": "", "registers": 96, "spill_stores": 0, "spill_loads": 0, "loops": 1,
+                "scalar16_loads_kernel": 0, "mma_kernel": 4, "main_loop": loop, "main_dot": dot, "shared": 16384,
+                "num_warps": 4, "ctas_per_sm": 4, "limited_by": "registers", "seconds": 0.0}  # fmt: skip
+
+    spill_first = {"on": False}
+
+    def fake_run_jobs(jobs, workers):
+        out = [clean(job) for job in jobs]
+        if spill_first["on"] and out and not jobs[0].yardstick:
+            out[0] = {**out[0], "spill_stores": 4, "spill_loads": 4}
+        return out
+
+    monkeypatch.setattr(kr, "run_jobs", fake_run_jobs)
+    rep = kr.report(quick=True, archs=(80, 90), scenarios=(SMALL,), log=lambda text: None)
+    assert not rep["failed"] and rep["kernels"] and all(row["failures"] == [] for row in rep["kernels"])
+    assert all(row["yardstick"] is not None for row in rep["kernels"])
+    data = json.loads(json.dumps(kr.to_json(rep), default=str))
+    assert data["schema"] == kr.SCHEMA
+    assert set(data["step_estimate_vs_frozen"]["h100"]) == {"fused", "blocked"}
+    assert set(data["step_estimate_vs_frozen"]["h100"]["blocked"]) == {"K=2", "K=4"}
+    assert "gate passed" in kr.format_report(rep)
+    spill_first["on"] = True
+    rep = kr.report(quick=True, archs=(80,), scenarios=(SMALL,), log=lambda text: None)
+    assert rep["failed"] and "gate FAILED" in kr.format_report(rep)
+    assert sum(bool(row["failures"]) for row in rep["kernels"]) == 1
