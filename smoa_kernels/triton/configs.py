@@ -203,7 +203,8 @@ def capture_launches() -> Iterator[list[Launch]]:
     """Inside the block, :func:`launch` records every launch instead of running it (outputs stay unwritten).
 
     The compile gate (tools/kernel_report.py) runs the real launchers under it to get the exact arguments, and so the
-    specialisation, that the JIT would see."""
+    specialisation, that the JIT would see. Launch-time choices made while capturing are those of a GPU run even under
+    TRITON_INTERPRET=1 (e.g. the fp32 dot precision follows ``allow_tf32``)."""
     launches: list[Launch] = []
     _CAPTURE.append(launches)
     try:
@@ -236,8 +237,8 @@ FP32_DOT_PRECISION = {True: "tf32", False: "tf32x3"}
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype != torch.float32 or _interpreting():
-        return "ieee"  # the interpreter computes exact fp32 whatever the flag
+    if dtype != torch.float32 or (_interpreting() and not _CAPTURE):
+        return "ieee"  # the interpreter computes exact fp32 whatever the flag (captured launches: as on a GPU)
     return FP32_DOT_PRECISION[bool(torch.backends.cuda.matmul.allow_tf32)]
 
 
