@@ -499,5 +499,6 @@ def build_case(provider: str | Provider, inputs: BenchInputs, r: int, num_blocks
     built = provider.build(inputs, r, num_blocks)
     return Case(provider, inputs, built, variant)
 
+
 # isort: split
 from smoa.bench import providers_hira  # noqa: E402, F401  (registers hira-smoa: PEFT HiRA after smoa.accelerate)
