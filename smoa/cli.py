@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMAND_MODULES: tuple[str, ...] = ("smoa.bench", "smoa.finetune", "smoa.study", "smoa.rank")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("smoa.bench", "smoa.finetune", "smoa.study", "smoa.rank", "smoa.official")
 
 
 def _info(args: argparse.Namespace) -> int:
