@@ -8,7 +8,8 @@ W0 when it loads. What this importer reads (assumptions, documented in the READM
   ``[base_model.model.]<module path>.lora_A[.<adapter>].{k}.weight`` (``A_k``: r_k×|C_k|) and ``…lora_B….{k}.weight``
   (``B_k``: |R_k|×r_k), k = 0..K-1; the ``base_model.model.`` prefix and an adapter-name segment are optional.
 - ``adapter_config.json``: ``r`` (the total rank, Σ r_k), ``lora_alpha`` (s = lora_alpha / r; default r),
-  ``lora_dropout``, ``target_modules``, ``fan_in_fan_out``; K is the number of block indices in the weights, checked
+  ``lora_dropout``, ``fan_in_fan_out``, ``task_type``, ``base_model_name_or_path``; the written ``target_modules`` are
+  the exact module paths that have factors (the official list may name more); K is the number of block indices in the weights, checked
   against a K field of the config if it has one (``num_blocks``, ``n_blocks``, ``block_num``, ``num_experts`` or
   ``K``) and against ``num_blocks=`` / ``--num-blocks`` when given.
 - W0 of every adapted module comes from the base model folder's ``*.safetensors`` (or ``pytorch_model*.bin``, read
@@ -329,7 +330,9 @@ def import_official(
         state[f"{prefix}.smoa_row_order"] = row_order.to(torch.long)
         state[f"{prefix}.smoa_col_order"] = col_order.to(torch.long)
 
-    target_modules = official.get("target_modules") or sorted({module.rsplit(".", 1)[-1] for module in modules})
+    # the exact module paths that have factors (the official target_modules may name more, e.g. with
+    # layers_to_transform): the adapter then attaches exactly where the checkpoint has factors
+    target_modules = sorted(modules)
     config = SMoAConfig(
         r=int(r),
         num_blocks=K,
