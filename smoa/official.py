@@ -9,9 +9,9 @@ W0 when it loads. What this importer reads (assumptions, documented in the READM
   (``B_k``: |R_k|×r_k), k = 0..K-1; the ``base_model.model.`` prefix and an adapter-name segment are optional.
 - ``adapter_config.json``: ``r`` (the total rank, Σ r_k), ``lora_alpha`` (s = lora_alpha / r; default r),
   ``lora_dropout``, ``fan_in_fan_out``, ``task_type``, ``base_model_name_or_path``; the written ``target_modules`` are
-  the exact module paths that have factors (the official list may name more); K is the number of block indices in the weights, checked
-  against a K field of the config if it has one (``num_blocks``, ``n_blocks``, ``block_num``, ``num_experts`` or
-  ``K``) and against ``num_blocks=`` / ``--num-blocks`` when given.
+  the exact module paths that have factors (the official list may name more); K is the number of block indices in
+  the weights, checked against a K field of the config if it has one (``num_blocks``, ``n_blocks``, ``block_num``,
+  ``num_experts`` or ``K``) and against ``num_blocks=`` / ``--num-blocks`` when given.
 - W0 of every adapted module comes from the base model folder's ``*.safetensors`` (or ``pytorch_model*.bin``, read
   with ``weights_only=True``) under the key ``<module path>.weight`` — matched exactly, or as the one key that ends
   with it or that it ends with (a head model's ``bert.`` prefix and the like).
