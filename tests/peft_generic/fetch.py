@@ -37,7 +37,7 @@ def fetch_peft_tests(version: str, timeout: float = 300.0) -> Path:
         return target
     with tempfile.TemporaryDirectory() as download:
         command = [sys.executable, "-m", "pip", "download", f"peft=={version}", "--no-deps", "--no-binary", ":all:"]
-        command += ["-d", download, "--quiet", "--disable-pip-version-check"]
+        command += ["-d", download, "--quiet", "--disable-pip-version-check", "--retries", "2", "--timeout", "20"]
         try:
             subprocess.run(command, check=True, capture_output=True, text=True, timeout=timeout)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
