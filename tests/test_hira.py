@@ -208,3 +208,16 @@ def test_merged_weight_k1_against_the_reference(dtype, scale):
         torch.testing.assert_close(g, e, atol=atol * 10, rtol=rtol)
     with pytest.raises(ValueError, match="one dtype"):
         smoa_linear_merged_weight_k1(x.detach().bfloat16(), weight, bias, A, B, scale)
+
+
+def test_bench_provider_hira_smoa_is_the_accelerated_peft_layer():
+    from smoa.bench.providers import TOLERANCES as BENCH_TOLERANCES
+    from smoa.bench.providers import BenchInputs, build_case
+
+    inputs = BenchInputs.make(d_in=24, d_out=16, tokens=5, dtype=torch.float32, device="cpu")  # d_out ≠ d_in
+    case = build_case("hira-smoa", inputs, r=8, num_blocks=2)
+    assert isinstance(case.module, HiraLinear) and is_accelerated(case.module)
+    error, saved = case.check()  # output and gradients against the dense HiRA formula (SPEC §6)
+    assert error < BENCH_TOLERANCES[torch.float32]
+    _, saved_peft = build_case("hira", inputs, r=8, num_blocks=2).check()
+    assert saved < saved_peft  # PEFT keeps the d_out×d_in products for its backward; smoa keeps x only
