@@ -16,7 +16,8 @@ base and adapter terms share their input and run as one GEMM on ``W0 ⊙ (1 + BA
 Nothing else changes: parameters, ``state_dict``, adapter files, ``merge``/``unmerge``, multiple adapters, dropout
 (called per adapter in PEFT's order, so the random masks are the same) and ``disable_adapter`` are PEFT's own. Cases
 the fast path does not cover (disabled or merged adapters, extra forward arguments, a base layer that is not a plain
-``nn.Linear``/``Conv1D``, a base weight that is not a dense float tensor) run PEFT's original forward.
+``nn.Linear``/``Conv1D``, a base weight that is not a dense float tensor or that requires grad) run PEFT's original
+forward.
 
 PEFT is imported lazily: this module imports without it.
 """
@@ -72,6 +73,8 @@ def _fast_path_applies(layer: nn.Module, args: tuple, kwargs: dict) -> bool:
     if type(base) not in (nn.Linear, Conv1D):
         return False
     weight = base.weight
+    if getattr(weight, "requires_grad", False) and torch.is_grad_enabled():  # the backends give no dW0
+        return False
     return (
         isinstance(weight, torch.Tensor)
         and type(weight) in (torch.Tensor, nn.Parameter)

@@ -221,3 +221,16 @@ def test_bench_provider_hira_smoa_is_the_accelerated_peft_layer():
     assert error < BENCH_TOLERANCES[torch.float32]
     _, saved_peft = build_case("hira", inputs, r=8, num_blocks=2).check()
     assert saved < saved_peft  # PEFT keeps the d_out×d_in products for its backward; smoa keeps x only
+
+
+def test_a_trainable_base_weight_still_gets_its_gradient():
+    """smoa's backends treat W0 as frozen; a user who unfroze it gets PEFT's forward (and dW0) instead."""
+    dtype = torch.float64
+    model = _model(dtype)
+    layer = model.base_model.model.lin0
+    layer.base_layer.weight.requires_grad_(True)
+    x = torch.randn(3, 11, dtype=dtype)
+    expected = torch.autograd.grad(model(x).sum(), layer.base_layer.weight)[0]
+    smoa.accelerate(model)
+    got = torch.autograd.grad(model(x).sum(), layer.base_layer.weight)[0]
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
