@@ -234,3 +234,19 @@ def test_a_trainable_base_weight_still_gets_its_gradient():
     smoa.accelerate(model)
     got = torch.autograd.grad(model(x).sum(), layer.base_layer.weight)[0]
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+
+
+def test_bf16_base_with_fp32_factors_matches_peft_to_bf16_rounding():
+    """PEFT keeps HiRA factors in fp32 over a bf16 base (autocast_adapter_dtype): the blockwise path computes the
+    adapter term in fp32 as PEFT does; the results differ by bf16 rounding of the sum only."""
+    torch.manual_seed(0)
+    base = Net(11, 6, 5).to(torch.bfloat16)
+    model = get_peft_model(base, HiraConfig(r=3, target_modules=["lin0", "lin1"], init_weights=False))
+    assert model.base_model.model.lin0.hira_A["default"].dtype == torch.float32
+    x = torch.randn(4, 11).to(torch.bfloat16)
+    expected = _step(model, x)
+    smoa.accelerate(model)
+    got = _step(model, x)
+    atol, rtol = TOLERANCES[torch.bfloat16]
+    for a, b in zip([got[0], *got[1]], [expected[0], *expected[1]]):
+        torch.testing.assert_close(a.float(), b.float(), atol=atol * max(1.0, float(b.abs().max())), rtol=rtol)

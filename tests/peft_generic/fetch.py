@@ -22,7 +22,8 @@ PACKAGE = "peft_tests"
 
 
 class FetchError(RuntimeError):
-    """PyPI could not be reached, or the sdist does not hold the expected files."""
+    """``pip download`` failed (PyPI unreachable): the suite is skipped. A downloaded sdist without the expected
+    files raises ``RuntimeError`` instead (a collection error, not a skip)."""
 
 
 def cache_root() -> Path:
@@ -45,7 +46,7 @@ def fetch_peft_tests(version: str, timeout: float = 300.0) -> Path:
             raise FetchError(f"`{' '.join(command)}` failed: {output.strip()[-500:] or error}") from error
         archives = sorted(Path(download).glob(f"peft-{version}.tar.gz"))
         if not archives:
-            raise FetchError(f"pip download left no peft-{version}.tar.gz in {download}")
+            raise RuntimeError(f"pip download left no peft-{version}.tar.gz in {download}")
         cache_root().mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=cache_root()))
         with tarfile.open(archives[0]) as archive:
@@ -53,7 +54,7 @@ def fetch_peft_tests(version: str, timeout: float = 300.0) -> Path:
             found = {m.name: m for m in archive.getmembers() if m.name in members and m.isfile()}
             missing = sorted(set(members) - set(found))
             if missing:
-                raise FetchError(f"the peft {version} sdist has no {missing}")
+                raise RuntimeError(f"the peft {version} sdist has no {missing}")
             (staging / PACKAGE).mkdir(parents=True, exist_ok=True)
             for member_name, name in members.items():
                 data = archive.extractfile(found[member_name]).read()
