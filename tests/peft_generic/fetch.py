@@ -49,18 +49,25 @@ def fetch_peft_tests(version: str, timeout: float = 300.0) -> Path:
             raise RuntimeError(f"pip download left no peft-{version}.tar.gz in {download}")
         cache_root().mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=cache_root()))
-        with tarfile.open(archives[0]) as archive:
-            members = {f"peft-{version}/tests/{name}": name for name in TEST_FILES}
-            found = {m.name: m for m in archive.getmembers() if m.name in members and m.isfile()}
-            missing = sorted(set(members) - set(found))
-            if missing:
-                raise RuntimeError(f"the peft {version} sdist has no {missing}")
-            (staging / PACKAGE).mkdir(parents=True, exist_ok=True)
-            for member_name, name in members.items():
-                data = archive.extractfile(found[member_name]).read()
-                (staging / PACKAGE / name).write_bytes(data)
-        (staging / PACKAGE / "__init__.py").write_text(f'"""PEFT {version} tests/ (fetched from PyPI by smoa)."""\n')
-        if target.exists():  # a partial earlier extraction
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        try:
+            _extract(archives[0], version, staging / PACKAGE)
+            if target.exists():  # a partial earlier extraction
+                shutil.rmtree(target)
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _extract(archive_path: Path, version: str, package: Path) -> None:
+    """Only the three test files, written as plain bytes (no tar member is extracted as a path)."""
+    with tarfile.open(archive_path) as archive:
+        members = {f"peft-{version}/tests/{name}": name for name in TEST_FILES}
+        found = {m.name: m for m in archive.getmembers() if m.name in members and m.isfile()}
+        missing = sorted(set(members) - set(found))
+        if missing:
+            raise RuntimeError(f"the peft {version} sdist has no {missing}")
+        package.mkdir(parents=True, exist_ok=True)
+        for member_name, name in members.items():
+            (package / name).write_bytes(archive.extractfile(found[member_name]).read())
+    (package / "__init__.py").write_text(f'"""PEFT {version} tests/ (fetched from PyPI by smoa)."""\n')
