@@ -5,6 +5,7 @@ Public API: :class:`SMoALinear`, :func:`apply_smoa`, :func:`merge_smoa`, :func:`
 """
 
 from smoa.backends import BACKENDS, available_backends, get_backend, use_backend
+from smoa.hira import accelerate, apply_smoa_to_hira, revert_smoa_to_hira, unaccelerate
 from smoa.layer import SMoALinear
 from smoa.model import apply_smoa, merge_smoa, smoa_layers
 from smoa.partition import ORDERINGS, compute_orders, spectral_orders, spectral_scores
@@ -20,13 +21,17 @@ __all__ = [
     "ORDERINGS",
     "SMoALinear",
     "__version__",
+    "accelerate",
     "apply_smoa",
+    "apply_smoa_to_hira",
     "available_backends",
     "compute_orders",
     "get_backend",
     "merge_smoa",
+    "revert_smoa_to_hira",
     "smoa_layers",
     "spectral_orders",
     "spectral_scores",
+    "unaccelerate",
     "use_backend",
 ]

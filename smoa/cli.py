@@ -7,7 +7,14 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMAND_MODULES: tuple[str, ...] = ("smoa.bench", "smoa.finetune", "smoa.study", "smoa.rank", "smoa.gpu_check")
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "smoa.bench",
+    "smoa.finetune",
+    "smoa.study",
+    "smoa.rank",
+    "smoa.gpu_check",
+    "smoa.official",
+)
 
 
 def _info(args: argparse.Namespace) -> int:
