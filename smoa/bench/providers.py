@@ -502,5 +502,7 @@ def build_case(provider: str | Provider, inputs: BenchInputs, r: int, num_blocks
 
 # providers in their own modules (each registers itself)
 # isort: split
-from smoa.bench import providers_bnb  # noqa: E402, F401
-from smoa.bench import providers_hira  # noqa: E402, F401  (registers hira-smoa: PEFT HiRA after smoa.accelerate)
+from smoa.bench import (
+    providers_bnb,  # noqa: F401
+    providers_hira,  # noqa: F401  (registers hira-smoa: PEFT HiRA after smoa.accelerate)
+)
