@@ -113,8 +113,8 @@ def exact_merge(original: torch.Tensor, adapters, safe_merge: bool = False, what
     if safe_merge and not bool(torch.isfinite(merged).all()):
         bad = int((~torch.isfinite(merged)).sum())
         raise ValueError(
-            f"safe_merge=True: merging {what} would put NaN/Inf into {bad} entries of the base weight (are its factors "
-            "finite?); nothing was merged"
+            f"NaNs detected in the merged weights (safe_merge=True): merging {what} would put NaN/Inf into {bad} "
+            "entries of the base weight (are its factors finite?); nothing was merged"
         )
     restored = modulated_unmerge(merged, modulation, None, None)
     index = (~_same_bits(restored, original)).flatten().nonzero().squeeze(1)
