@@ -513,7 +513,7 @@ def test_tampered_orders_are_rejected(saved, tmp_path):
     save_file(tensors, path / "adapter_model.safetensors")
     base = toy()
     before = state(base)
-    with pytest.raises(ValueError, match=r"smoa_row_order.default is not a permutation of range"):
+    with pytest.raises(ValueError, match=r"smoa_row_order.* is not a permutation of range"):
         PeftModel.from_pretrained(base, path)
     assert_unchanged(base, before)
 
