@@ -322,7 +322,8 @@ class SMoALayer(BaseTunerLayer):
             key = f"{prefix}smoa_partition_info.{adapter_name}"
             if not info and key in missing_keys:
                 missing_keys.remove(key)  # an adapter saved before the record existed
-            if info and fingerprint_differs(self.smoa_partition_info[adapter_name], self._original_weight()):
+            # (the BufferDicts are child modules, loaded after this hook: compare the incoming record itself)
+            if info and fingerprint_differs(state_dict[key], self._original_weight()):
                 warn_w0_differs(key)
 
     def _apply(self, fn, recurse: bool = True):

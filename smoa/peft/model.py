@@ -78,6 +78,7 @@ class SMoAModel(BaseTuner):
         existing = {id(module) for module in model.modules() if isinstance(module, SMoALayer)}
         # the flags to give back if the checkpoint loaded for this adapter is rejected (see _discard_failed_adapter)
         self.__dict__.setdefault("_smoa_flags_before", {})[adapter_name] = _requires_grad_flags(model)
+        self.__dict__.setdefault("_smoa_unloaded", set()).add(adapter_name)  # no checkpoint loaded into it yet
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         except Exception:
@@ -158,6 +159,7 @@ class SMoAModel(BaseTuner):
         except (ValueError, RuntimeError):
             _discard_failed_adapter(model, adapter_name)
             raise
+        getattr(model, "base_model", model).__dict__.get("_smoa_unloaded", set()).discard(adapter_name)
         return state_dict
 
 
@@ -192,6 +194,11 @@ def _discard_failed_adapter(model: nn.Module, adapter_name: str) -> None:
     from peft import PeftModel
 
     if not isinstance(model, PeftModel) or adapter_name not in model.peft_config:
+        return
+    # only an adapter attached for this checkpoint (from_pretrained/load_adapter: its config was read from the file,
+    # nothing loaded into it yet) is removed; set_peft_model_state_dict on a user's own adapter leaves it in place
+    fresh = adapter_name in model.base_model.__dict__.get("_smoa_unloaded", set())
+    if not (fresh and getattr(model.peft_config[adapter_name], "_orders_from_checkpoint", False)):
         return
     flags = getattr(model.base_model, "_smoa_flags_before", {}).pop(adapter_name, None)
     if len(model.peft_config) > 1:
@@ -306,9 +313,9 @@ def _all_or_nothing_load_adapter(load_adapter):
             if isinstance(getattr(self, "peft_config", {}).get(name), SMoAConfig):
                 _check_loaded_adapter(self, name, info)
             return info
-        except Exception:
+        except Exception as error:
             new_config = (getattr(self, "peft_config", None) or {}).get(name)
-            if name not in configs and (new_config is None or isinstance(new_config, SMoAConfig)):
+            if name not in configs and isinstance(new_config, SMoAConfig):
                 _remove_adapter_layers(self, name, keep=existing)
                 if new_config is not None:
                     del self.peft_config[name]
@@ -318,6 +325,11 @@ def _all_or_nothing_load_adapter(load_adapter):
                 _restore_flags(flags)
                 for module, mode in modes.items():
                     module.training = mode
+                if not isinstance(error, ValueError) or "nothing was loaded" not in str(error):
+                    raise ValueError(
+                        f"loading the SMoA adapter {peft_model_id!r} as {name!r} failed, nothing was loaded (the model "
+                        f"is as it was): {error}"
+                    ) from error
             raise
 
     wrapper._smoa_all_or_nothing = True
