@@ -136,17 +136,24 @@ def _fingerprint(weight: torch.Tensor) -> torch.Tensor:
     """A cheap float64 fingerprint of W0 (d_out×d_in): its Frobenius norm, then the sum and the absolute sum of a
     few evenly spaced rows."""
     w = weight.detach()
+    if hasattr(w, "full_tensor"):  # an FSDP2 DTensor shard: every rank attaches/loads, so all-gather
+        w = w.full_tensor()
+    if w.dim() != 2 or w.numel() == 0:  # e.g. a ZeRO-3 partition outside a gather: unknown
+        return torch.full((1 + 2 * _FINGERPRINT_ROWS,), float("nan"), dtype=torch.float64)
     rows = torch.linspace(0, w.shape[0] - 1, min(_FINGERPRINT_ROWS, w.shape[0])).round().long().to(w.device)
     sample = w.index_select(0, rows).double()
     values = [torch.linalg.vector_norm(w.double()).reshape(1), torch.stack([sample.sum(1), sample.abs().sum(1)], 1)]
     return torch.cat([values[0], values[1].flatten()]).cpu()
 
 
-def partition_info(weight: torch.Tensor, num_blocks: int, r: int, ordering: str) -> torch.Tensor:
+def partition_info(
+    weight: torch.Tensor, num_blocks: int, r: int, ordering: str, fingerprint: bool = True
+) -> torch.Tensor:
     """The int64 vector saved with an adapter: ``[format, K, r, d_out, d_in, ordering index, fingerprint bits...]``
-    (the fingerprint of :func:`_fingerprint` as float64 bit patterns; NaN bits when W0 is on the meta device)."""
+    (the fingerprint of :func:`_fingerprint` as float64 bit patterns; NaN bits — unknown — when W0 is on the meta
+    device or ``fingerprint=False``, e.g. when the record will be loaded from a checkpoint)."""
     d_out, d_in = weight.shape
-    if weight.is_meta:
+    if weight.is_meta or not fingerprint:
         fingerprint = torch.full((1 + 2 * min(_FINGERPRINT_ROWS, d_out),), float("nan"), dtype=torch.float64)
     else:
         fingerprint = _fingerprint(weight)
@@ -183,6 +190,8 @@ def fingerprint_differs(info: torch.Tensor, weight: torch.Tensor) -> bool:
     if weight.is_meta or saved.numel() == 0 or bool(torch.isnan(saved).any()):
         return False
     ours = _fingerprint(weight)
+    if bool(torch.isnan(ours).any()):  # W0 not available here (e.g. partitioned): nothing to compare
+        return False
     if ours.numel() != saved.numel():
         return True
     norm, pairs_saved, pairs_ours = saved[0], saved[1:].view(-1, 2), ours[1:].view(-1, 2)

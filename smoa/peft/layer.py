@@ -155,6 +155,7 @@ class SMoALayer(BaseTunerLayer):
             # the orders will be loaded with the factors: no SVD now (identity placeholders for the init, then -1)
             row_order = torch.arange(self.out_features, device=device)
             col_order = torch.arange(self.in_features, device=device)
+            info = partition_info(base_weight, num_blocks, r, config.ordering, fingerprint=False)
         else:
             # under DeepSpeed ZeRO-3 (partitioned) or FSDP2 (DTensor shards) the SVD must see the full W0
             with gather_params_ctx(self.get_base_layer().weight):
@@ -164,12 +165,11 @@ class SMoALayer(BaseTunerLayer):
                 row_order, col_order = compute_orders(
                     full_weight, config.ordering, seed=config.seed, svd_dtype=svd_dtype
                 )
+                info = partition_info(full_weight, num_blocks, r, config.ordering)
             self._smoa_orders_pending.discard(adapter_name)
         self.smoa_row_order[adapter_name] = row_order
         self.smoa_col_order[adapter_name] = col_order
-        self.smoa_partition_info[adapter_name] = partition_info(base_weight, num_blocks, r, config.ordering).to(
-            device if not base_weight.is_meta else "cpu"
-        )
+        self.smoa_partition_info[adapter_name] = info.to(device if not base_weight.is_meta else "cpu")
 
         rank = r // num_blocks
         factor_dtype = base_weight.dtype  # PEFT then upcasts half-precision adapters (autocast_adapter_dtype=True)
@@ -323,8 +323,10 @@ class SMoALayer(BaseTunerLayer):
             if not info and key in missing_keys:
                 missing_keys.remove(key)  # an adapter saved before the record existed
             # (the BufferDicts are child modules, loaded after this hook: compare the incoming record itself)
-            if info and fingerprint_differs(state_dict[key], self._original_weight()):
-                warn_w0_differs(key)
+            if info:
+                with gather_params_ctx(self.get_base_layer().weight):
+                    if fingerprint_differs(state_dict[key], self._original_weight()):
+                        warn_w0_differs(key)
 
     def _apply(self, fn, recurse: bool = True):
         # .to()/.cuda() keep the orders' values; to_empty() does not: give back the known orders (or, from the meta
