@@ -138,7 +138,7 @@ def _fingerprint(weight: torch.Tensor) -> torch.Tensor:
     w = weight.detach()
     if hasattr(w, "full_tensor"):  # an FSDP2 DTensor shard: every rank attaches/loads, so all-gather
         w = w.full_tensor()
-    if w.dim() != 2 or w.numel() == 0:  # e.g. a ZeRO-3 partition outside a gather: unknown
+    if w.dim() != 2 or w.numel() == 0 or not w.is_floating_point():  # a ZeRO-3 partition, a packed 4-bit weight
         return torch.full((1 + 2 * _FINGERPRINT_ROWS,), float("nan"), dtype=torch.float64)
     rows = torch.linspace(0, w.shape[0] - 1, min(_FINGERPRINT_ROWS, w.shape[0])).round().long().to(w.device)
     sample = w.index_select(0, rows).double()

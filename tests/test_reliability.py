@@ -894,3 +894,23 @@ def test_config_regex_errors_name_the_argument():
     for argument in ("target_modules", "exclude_modules"):
         with pytest.raises(ValueError, match=rf"{argument}='q\[' is not a valid regular expression"):
             SMoAConfig(**{argument: "q["})
+
+
+def test_peft_meta_model_after_to_empty_refuses_until_its_checkpoint_is_loaded(adapter):
+    from peft import PeftConfig
+
+    config = PeftConfig.from_pretrained(adapter)  # read from a file: the orders will come from the checkpoint
+    with torch.device("meta"):
+        base = toy()
+    model = PeftModel(base, config)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.zeros_like(p))  # any finite base; the orders are what matters here
+    with pytest.raises(RuntimeError, match=r"adapter 'default' has no orders \(built on the meta device"):
+        model(X)
+    tensors = _tensors(adapter)
+    set_peft_model_state_dict(model, tensors)
+    layer0 = model.base_model.model.lin0
+    assert torch.equal(layer0.smoa_row_order["default"], tensors["base_model.model.lin0.smoa_row_order"])
+    model(X)

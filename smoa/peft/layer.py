@@ -106,6 +106,8 @@ class SMoALayer(BaseTunerLayer):
         self.smoa_partition_info = BufferDict({}, persistent=True)  # [format, K, r, d_out, d_in, ordering, W0 print]
         # adapters whose orders are still to come from a checkpoint (or, failing that, from the SVD at first use)
         self._smoa_orders_pending: set[str] = set()
+        # adapters whose orders were lost to to_empty() from the meta device: only a checkpoint can bring them back
+        self._smoa_orders_lost: set[str] = set()
         self._smoa_order_options: dict[str, tuple[str, int, torch.dtype]] = {}  # (ordering, seed, svd_dtype)
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
@@ -169,6 +171,7 @@ class SMoALayer(BaseTunerLayer):
             self._smoa_orders_pending.discard(adapter_name)
         self.smoa_row_order[adapter_name] = row_order
         self.smoa_col_order[adapter_name] = col_order
+        info[3:5] = torch.tensor([self.out_features, self.in_features])  # the layer's shape, whatever W0's storage
         self.smoa_partition_info[adapter_name] = info.to(device if not base_weight.is_meta else "cpu")
 
         rank = r // num_blocks
@@ -216,6 +219,7 @@ class SMoALayer(BaseTunerLayer):
         self._smoa_orders_pending.discard(adapter_name)
         self._smoa_order_stamp.pop(adapter_name, None)
         self._smoa_order_options.pop(adapter_name, None)
+        self._smoa_orders_lost.discard(adapter_name)
 
     # ---- orders -------------------------------------------------------------------------------------------------
     def _orders(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,7 +230,13 @@ class SMoALayer(BaseTunerLayer):
                 validate_order(f"smoa_row_order.{adapter_name}", rows, self.out_features)
                 validate_order(f"smoa_col_order.{adapter_name}", cols, self.in_features)
                 self._smoa_orders_pending.discard(adapter_name)
+                self._smoa_orders_lost.discard(adapter_name)
                 return rows, cols
+            if adapter_name in self._smoa_orders_lost:
+                raise RuntimeError(
+                    f"SMoA adapter {adapter_name!r} has no orders (built on the meta device, then to_empty()): load "
+                    "its checkpoint (set_peft_model_state_dict / load_state_dict with smoa_row_order, smoa_col_order)"
+                )
             # A config read from a checkpoint but no orders loaded (e.g. SMoAConfig(**saved_config) used for a new
             # adapter): fall back to the SVD of the (unmerged) W0, which the adapter was then initialised on.
             if self.merged:
@@ -242,7 +252,7 @@ class SMoALayer(BaseTunerLayer):
             self.smoa_col_order[adapter_name].copy_(col_order)
             self._smoa_orders_pending.discard(adapter_name)
         rows, cols = self.smoa_row_order[adapter_name], self.smoa_col_order[adapter_name]
-        if not torch.compiler.is_compiling():  # re-validate a tensor that was replaced or written in place
+        if not torch.compiler.is_compiling() and not rows.is_meta:  # re-validate a replaced or rewritten tensor
             stamp = (rows, rows._version, rows.data_ptr(), cols, cols._version, cols.data_ptr())
             old = self._smoa_order_stamp.get(adapter_name)
             if old is None or not all(a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(old, stamp)):
@@ -307,6 +317,7 @@ class SMoALayer(BaseTunerLayer):
         for adapter_name, (orders, factors, info) in loaded.items():
             if orders:
                 self._smoa_orders_pending.discard(adapter_name)
+                self._smoa_orders_lost.discard(adapter_name)
                 self._smoa_order_stamp.pop(adapter_name, None)
             elif factors:  # allowed only under allow_missing_orders()
                 warnings.warn(
@@ -319,6 +330,7 @@ class SMoALayer(BaseTunerLayer):
                 self.smoa_row_order[adapter_name] = rows
                 self.smoa_col_order[adapter_name] = cols
                 self._smoa_orders_pending.discard(adapter_name)
+                self._smoa_orders_lost.discard(adapter_name)
             key = f"{prefix}smoa_partition_info.{adapter_name}"
             if not info and key in missing_keys:
                 missing_keys.remove(key)  # an adapter saved before the record existed
@@ -344,6 +356,7 @@ class SMoALayer(BaseTunerLayer):
                 if attr != "smoa_partition_info":
                     buffer.fill_(-1)
                     self._smoa_orders_pending.add(name)
+                    self._smoa_orders_lost.add(name)
             elif not torch.equal(buffer.cpu(), values):
                 buffer.copy_(values.to(buffer.device))
         return result
