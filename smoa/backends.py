@@ -15,7 +15,8 @@ break the graph at every SMoA layer).
 
 A base weight that requires grad (a user-unfrozen W0) makes the adapter depend on W0 twice (base term and anchor).
 The ``reference`` backend differentiates both through autograd; the ``torch`` backend's Function does not compute
-``dW0``, so such a call is routed to ``reference`` (exact, slower; warned once); ``triton`` refuses it.
+``dW0``, so such a call is routed to ``reference`` (exact, slower; warned once), and so is ``auto``; ``triton``
+asked for by name refuses it.
 """
 
 from __future__ import annotations
@@ -126,8 +127,10 @@ def smoa_linear(
 ) -> torch.Tensor:
     """``y = x W0ᵀ + b + s · x_adapter ΔWᵀ`` (SPEC §2) with the chosen backend; see the module docstring."""
     name = resolve_backend(backend, x.device)
-    if name == "torch" and weight.requires_grad and torch.is_grad_enabled():
-        name = _route_weight_grad()
+    if name != "reference" and weight.requires_grad and torch.is_grad_enabled():
+        # 'torch' has no dW0; 'triton' refuses W0 gradients, so only an explicit request for it reaches it
+        if name == "torch" or (backend or get_backend()) == "auto":
+            name = _route_weight_grad()
     fn = _implementation(name)
     return fn(x, x_adapter, weight, bias, lora_A, lora_B, row_order, col_order, num_blocks, scale)
 
@@ -139,9 +142,9 @@ def _route_weight_grad() -> str:
     if not _warned_weight_grad and not torch.compiler.is_compiling():
         _warned_weight_grad = True
         warnings.warn(
-            "SMoA: the base weight W0 requires grad, which the 'torch' backend does not differentiate; computing these "
-            "layers with the 'reference' backend (exact dW0, including the adapter's dependence on W0; slower). "
-            "Freeze W0 (weight.requires_grad_(False)) for the fast path.",
+            "SMoA: the base weight W0 requires grad, which the 'torch'/'triton' backends do not differentiate; "
+            "computing these layers with the 'reference' backend (exact dW0, including the adapter's dependence on W0; "
+            "slower). Freeze W0 (weight.requires_grad_(False)) for the fast path.",
             stacklevel=3,
         )
     return "reference"
