@@ -122,8 +122,13 @@ def exact_merge(original: torch.Tensor, adapters, safe_merge: bool = False, what
 
 
 def exact_unmerge(merged: torch.Tensor, record: MergeRecord) -> torch.Tensor:
-    """Inverse of :func:`exact_merge`: the original W0, bit for bit."""
-    return modulated_unmerge(merged, smoa_modulation(merged, record.adapters), record.lost_index, record.lost_value)
+    """Inverse of :func:`exact_merge`: the original W0, bit for bit (on the device the merge ran on; moved with the
+    weight otherwise)."""
+    device = merged.device
+    adapters = [(s, A.to(device), B.to(device), rows.to(device), cols.to(device), k) for s, A, B, rows, cols, k in
+                record.adapters]  # fmt: skip
+    lost_index, lost_value = record.lost_index.to(device), record.lost_value.to(device)
+    return modulated_unmerge(merged, smoa_modulation(merged, adapters), lost_index, lost_value)
 
 
 # ---- the saved partition and W0 fingerprint (one int64 tensor; ints are never cast by .half()/.to(dtype)) --------
