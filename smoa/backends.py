@@ -8,15 +8,23 @@ The active name comes from, in order: a layer's own ``backend=`` argument, the i
 the ``SMOA_BACKEND`` environment variable, and ``"auto"``. A backend asked for by name is used or an error is
 raised — never a silent fallback.
 
-:func:`use_backend` is process-wide (like ``torch.backends`` flags), not per thread: the active name is a plain module
-global, which ``torch.compile`` reads and guards on — a compiled model recompiles when the backend changes, with no
-graph break (a ``contextvars.ContextVar`` would break the graph at every SMoA layer).
+:func:`use_backend` is per thread: the stack lives in a ``threading.local``, so two threads entering and leaving
+their own blocks in any interleaving never run each other's backend. ``torch.compile`` reads that attribute and guards
+on it — a compiled model recompiles when the backend changes, with no graph break (a ``contextvars.ContextVar`` would
+break the graph at every SMoA layer).
+
+A base weight that requires grad (a user-unfrozen W0) makes the adapter depend on W0 twice (base term and anchor).
+The ``reference`` backend differentiates both through autograd; the ``torch`` backend's Function does not compute
+``dW0``, so such a call is routed to ``reference`` (exact, slower; warned once), and so is ``auto``; ``triton``
+asked for by name refuses it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
+import warnings
 from collections.abc import Callable, Iterator
 
 import torch
@@ -25,7 +33,15 @@ __all__ = ["BACKENDS", "available_backends", "get_backend", "resolve_backend", "
 
 BACKENDS = ("reference", "torch", "triton", "auto")
 ENV_VAR = "SMOA_BACKEND"
-_active: list[str] = []  # the use_backend stack, innermost last
+_local = threading.local()  # _local.stack: this thread's use_backend stack, innermost last
+_warned_weight_grad = False
+
+
+def _stack() -> list[str]:
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    return stack
 
 
 def check_backend_name(name: str, argument: str = "backend") -> str:
@@ -36,8 +52,9 @@ def check_backend_name(name: str, argument: str = "backend") -> str:
 
 def get_backend() -> str:
     """The backend name in force here: the innermost :func:`use_backend`, else ``$SMOA_BACKEND``, else ``auto``."""
-    if _active:
-        return _active[-1]
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
     env = os.environ.get(ENV_VAR)
     if env:
         return check_backend_name(env.strip(), argument=ENV_VAR)
@@ -47,11 +64,13 @@ def get_backend() -> str:
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[str]:
     """Context manager: compute every SMoA layer without its own ``backend=`` with ``name`` inside the block."""
-    _active.append(check_backend_name(name))
+    stack = _stack()
+    stack.append(check_backend_name(name))
+    depth = len(stack)
     try:
         yield name
     finally:
-        _active.pop()
+        del stack[depth - 1 :]  # this block's entry (and any left by an inner block that was never exited)
 
 
 def _triton_status() -> tuple[bool, str]:
@@ -107,5 +126,25 @@ def smoa_linear(
     backend: str | None = None,
 ) -> torch.Tensor:
     """``y = x W0ᵀ + b + s · x_adapter ΔWᵀ`` (SPEC §2) with the chosen backend; see the module docstring."""
-    fn = _implementation(resolve_backend(backend, x.device))
+    name = resolve_backend(backend, x.device)
+    if name != "reference" and weight.requires_grad and torch.is_grad_enabled():
+        # 'torch' has no dW0; 'triton' refuses W0 gradients, so only an explicit request for it reaches it
+        if name == "torch" or (backend or get_backend()) == "auto":
+            name = _route_weight_grad()
+    fn = _implementation(name)
     return fn(x, x_adapter, weight, bias, lora_A, lora_B, row_order, col_order, num_blocks, scale)
+
+
+def _route_weight_grad() -> str:
+    """The ``torch`` Function has no ``dW0``: a trainable W0 is computed by ``reference``, whose autograd gives the
+    exact gradient of the full function (base term and anchor)."""
+    global _warned_weight_grad
+    if not _warned_weight_grad and not torch.compiler.is_compiling():
+        _warned_weight_grad = True
+        warnings.warn(
+            "SMoA: the base weight W0 requires grad, which the 'torch'/'triton' backends do not differentiate; "
+            "computing these layers with the 'reference' backend (exact dW0, including the adapter's dependence on W0; "
+            "slower). Freeze W0 (weight.requires_grad_(False)) for the fast path.",
+            stacklevel=3,
+        )
+    return "reference"

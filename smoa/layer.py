@@ -8,8 +8,14 @@ The computation itself lives in :mod:`smoa_kernels` and is chosen by :mod:`smoa.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+import threading
+import uuid
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -19,7 +25,18 @@ from smoa.backends import check_backend_name, smoa_linear
 from smoa.partition import ORDERINGS, compute_orders, validate_order
 from smoa_kernels.reference import blocks_to_lora, dense_delta_weight, lora_to_blocks
 
-__all__ = ["SMoALinear", "check_smoa_arguments", "modulated_merge", "modulated_unmerge", "smoa_modulation"]
+__all__ = [
+    "MergeRecord",
+    "SMoALinear",
+    "allow_missing_orders",
+    "check_smoa_arguments",
+    "exact_merge",
+    "exact_unmerge",
+    "modulated_merge",
+    "modulated_unmerge",
+    "partition_info",
+    "smoa_modulation",
+]
 
 
 def smoa_modulation(weight: torch.Tensor, adapters) -> torch.Tensor:
@@ -60,6 +77,186 @@ def modulated_unmerge(merged: torch.Tensor, modulation: torch.Tensor, lost_index
     return restored.view_as(merged)
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise bit equality (so -0.0 ≠ 0.0 and a NaN equals only the same NaN)."""
+    if a.element_size() == 1:
+        return a.view(torch.uint8) == b.view(torch.uint8)
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return a.contiguous().view(bits) == b.contiguous().view(bits)
+
+
+@dataclass
+class MergeRecord:
+    """What a merge wrote, so that the unmerge is bit-exact whatever happens to the factors while merged.
+
+    ``adapters``: ``(scale, lora_A, lora_B, row_order, col_order, num_blocks)`` per merged adapter, *copies* taken at
+    the merge (an optimizer step or a ``load_state_dict`` while merged cannot change what the unmerge divides by);
+    ``lost_index``/``lost_value``: the flat indices and original values of every W0 entry that the division would not
+    give back bit for bit (zeros, NaN/Inf factors, roundings), checked at the merge.
+    """
+
+    adapters: list[tuple]
+    lost_index: torch.Tensor
+    lost_value: torch.Tensor
+
+
+def exact_merge(original: torch.Tensor, adapters, safe_merge: bool = False, what: str = "adapter"):
+    """``(W0 ⊙ (1 + Σ s·P), MergeRecord)`` for ``adapters`` (see :func:`smoa_modulation`), such that
+    :func:`exact_unmerge` returns ``original`` bit for bit. ``safe_merge=True`` raises ``ValueError`` (and nothing is
+    written by the caller) when the merged weight would hold NaN/Inf."""
+    adapters = [
+        (float(scale), A.detach().clone(), B.detach().clone(), rows.detach().clone(), cols.detach().clone(), int(k))
+        for scale, A, B, rows, cols, k in adapters
+    ]
+    modulation = smoa_modulation(original, adapters)
+    merged = (original.to(modulation.dtype) * modulation).to(original.dtype)
+    if safe_merge and not bool(torch.isfinite(merged).all()):
+        bad = int((~torch.isfinite(merged)).sum())
+        raise ValueError(
+            f"NaNs detected in the merged weights (safe_merge=True): merging {what} would put NaN/Inf into {bad} "
+            "entries of the base weight (are its factors finite?); nothing was merged"
+        )
+    restored = modulated_unmerge(merged, modulation, None, None)
+    index = (~_same_bits(restored, original)).flatten().nonzero().squeeze(1)
+    return merged, MergeRecord(adapters, index, original.flatten()[index].clone())
+
+
+def exact_unmerge(merged: torch.Tensor, record: MergeRecord) -> torch.Tensor:
+    """Inverse of :func:`exact_merge`: the original W0, bit for bit (on the device the merge ran on; moved with the
+    weight otherwise)."""
+    device = merged.device
+    adapters = [(s, A.to(device), B.to(device), rows.to(device), cols.to(device), k) for s, A, B, rows, cols, k in
+                record.adapters]  # fmt: skip
+    lost_index, lost_value = record.lost_index.to(device), record.lost_value.to(device)
+    return modulated_unmerge(merged, smoa_modulation(merged, adapters), lost_index, lost_value)
+
+
+# ---- the saved partition and W0 fingerprint (one int64 tensor; ints are never cast by .half()/.to(dtype)) --------
+_INFO_FORMAT = 1
+_FINGERPRINT_ROWS = 4
+_FINGERPRINT_RTOL = 1e-3  # far above bf16/fp16 rounding of a row sum, far below what another checkpoint changes
+
+
+def _fingerprint(weight: torch.Tensor) -> torch.Tensor:
+    """A cheap float64 fingerprint of W0 (d_out×d_in): its Frobenius norm, then the sum and the absolute sum of a
+    few evenly spaced rows."""
+    w = weight.detach()
+    if hasattr(w, "full_tensor"):  # an FSDP2 DTensor shard: every rank attaches/loads, so all-gather
+        w = w.full_tensor()
+    if w.dim() != 2 or w.numel() == 0 or not w.is_floating_point():  # a ZeRO-3 partition, a packed 4-bit weight
+        return torch.full((1 + 2 * _FINGERPRINT_ROWS,), float("nan"), dtype=torch.float64)
+    rows = torch.linspace(0, w.shape[0] - 1, min(_FINGERPRINT_ROWS, w.shape[0])).round().long().to(w.device)
+    sample = w.index_select(0, rows).double()
+    values = [torch.linalg.vector_norm(w.double()).reshape(1), torch.stack([sample.sum(1), sample.abs().sum(1)], 1)]
+    return torch.cat([values[0], values[1].flatten()]).cpu()
+
+
+def partition_info(
+    weight: torch.Tensor, num_blocks: int, r: int, ordering: str, fingerprint: bool = True
+) -> torch.Tensor:
+    """The int64 vector saved with an adapter: ``[format, K, r, d_out, d_in, ordering index, fingerprint bits...]``
+    (the fingerprint of :func:`_fingerprint` as float64 bit patterns; NaN bits — unknown — when W0 is on the meta
+    device or ``fingerprint=False``, e.g. when the record will be loaded from a checkpoint)."""
+    d_out, d_in = weight.shape
+    if weight.is_meta or not fingerprint:
+        fingerprint = torch.full((1 + 2 * min(_FINGERPRINT_ROWS, d_out),), float("nan"), dtype=torch.float64)
+    else:
+        fingerprint = _fingerprint(weight)
+    head = torch.tensor([_INFO_FORMAT, num_blocks, r, d_out, d_in, ORDERINGS.index(ordering)], dtype=torch.int64)
+    return torch.cat([head, fingerprint.view(torch.int64)])
+
+
+def check_partition_info(key: str, info, num_blocks: int, r: int, d_out: int, d_in: int) -> None:
+    """Raise ``ValueError`` naming ``key`` unless the saved partition record matches this layer's K, r and shape (a
+    config edited so that the factor shapes still match would otherwise load with another partition). The ordering
+    is not compared: the saved orders are what counts, whatever ablation label built the receiving layer."""
+    if not isinstance(info, torch.Tensor) or info.dim() != 1 or info.numel() < 6 or info.is_floating_point():
+        raise ValueError(f"{key} is not an SMoA partition record (got {getattr(info, 'shape', type(info).__name__)})")
+    fmt, saved_k, saved_r, saved_out, saved_in = (int(v) for v in info[:5].tolist())
+    if fmt != _INFO_FORMAT:
+        raise ValueError(f"{key} has format {fmt}, this smoa reads format {_INFO_FORMAT}")
+    saved = {"num_blocks": saved_k, "r": saved_r, "out_features": saved_out, "in_features": saved_in}
+    ours = {"num_blocks": num_blocks, "r": r, "out_features": d_out, "in_features": d_in}
+    diff = [
+        f"{name}={saved[name]} in the checkpoint but {ours[name]} here" for name in saved if saved[name] != ours[name]
+    ]
+    if diff:
+        raise ValueError(f"{key}: the adapter was saved with another partition: {'; '.join(diff)}")
+
+
+def saved_ordering(info: torch.Tensor) -> str | None:
+    index = int(info[5])
+    return ORDERINGS[index] if 0 <= index < len(ORDERINGS) else None
+
+
+def fingerprint_differs(info: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True when the W0 fingerprint in ``info`` is known and differs from ``weight``'s by more than rounding."""
+    saved = info[6:].contiguous().view(torch.float64)
+    if weight.is_meta or saved.numel() == 0 or bool(torch.isnan(saved).any()):
+        return False
+    ours = _fingerprint(weight)
+    if bool(torch.isnan(ours).any()):  # W0 not available here (e.g. partitioned): nothing to compare
+        return False
+    if ours.numel() != saved.numel():
+        return True
+    norm, pairs_saved, pairs_ours = saved[0], saved[1:].view(-1, 2), ours[1:].view(-1, 2)
+    scale = pairs_saved[:, 1].abs().clamp_min(1e-30)
+    return bool(
+        (ours[0] - norm).abs() > _FINGERPRINT_RTOL * norm.abs()
+        or ((pairs_ours - pairs_saved).abs() > _FINGERPRINT_RTOL * scale[:, None]).any()
+    )
+
+
+def warn_w0_differs(key: str) -> None:
+    warnings.warn(
+        f"{key}: the base weight W0 differs from the one this SMoA adapter was trained on (another base checkpoint, a "
+        "fine-tuned or quantized copy?); the adapter's update ΔW = (BA) ⊙ W0 is anchored on W0, so its outputs will "
+        "differ from the trained model's",
+        stacklevel=4,
+    )
+
+
+def check_loaded_tensor(key: str, value, expected_shape=None) -> None:
+    """Raise ``ValueError`` naming ``key`` for a non-tensor, a shape mismatch, a non-float or a NaN/Inf value."""
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{key} must be a tensor, got {type(value).__name__}")
+    if expected_shape is not None and tuple(value.shape) != tuple(expected_shape):
+        raise ValueError(f"{key} has shape {tuple(value.shape)}, expected {tuple(expected_shape)}")
+    if not value.is_floating_point():
+        raise ValueError(f"{key} must be a floating-point tensor, got dtype={value.dtype}")
+    if not value.is_meta and not bool(torch.isfinite(value).all()):
+        bad = int((~torch.isfinite(value)).sum())
+        raise ValueError(f"{key} holds {bad} NaN/Inf values; refusing to load a corrupt adapter")
+
+
+def _check_order_value(name: str, value, size: int, device) -> torch.Tensor:
+    """A validated int64 copy of ``value`` on ``device`` (any integer dtype is accepted, e.g. int16 from a file)."""
+    validate_order(name, value, size)
+    return value.detach().to(device=device, dtype=torch.int64)
+
+
+# ---- opting in to recompute orders that a load did not bring -------------------------------------------------------
+_load_options = threading.local()
+
+
+@contextlib.contextmanager
+def allow_missing_orders() -> Iterator[None]:
+    """Inside this block a ``load_state_dict`` that brings SMoA factors without their ``row_order``/``col_order``
+    (e.g. a "trainable parameters only" checkpoint) is accepted: the orders are recomputed from the layer's W0 with
+    its ``ordering``/``seed``/``svd_dtype`` (a warning says so). Outside it such a load raises, because a re-derived
+    SVD can order near-ties differently and silently scramble a trained adapter (SPEC §1.5)."""
+    previous = getattr(_load_options, "allow_missing_orders", False)
+    _load_options.allow_missing_orders = True
+    try:
+        yield
+    finally:
+        _load_options.allow_missing_orders = previous
+
+
+def missing_orders_allowed() -> bool:
+    return getattr(_load_options, "allow_missing_orders", False)
+
+
 def check_smoa_arguments(
     in_features: int, out_features: int, r: int, num_blocks: int, alpha: float | None, dropout: float, ordering: str
 ) -> None:
@@ -88,6 +285,29 @@ def check_smoa_arguments(
         raise ValueError(f"ordering={ordering!r} is not one of {ORDERINGS}")
 
 
+_ADAPTER_KEYS = ("row_order", "col_order", "partition_info", "smoa_A.weight", "smoa_B.weight")
+
+
+def _check_layer_inputs(weight, svd_dtype, factor_dtype) -> None:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D tensor, got shape {tuple(getattr(weight, 'shape', ()))}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight has dtype={weight.dtype}: SMoA needs a floating-point W0 (a quantized base?)")
+    if svd_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"svd_dtype={svd_dtype!r} must be torch.float32 or torch.float64")
+    if factor_dtype is not None and (not isinstance(factor_dtype, torch.dtype) or not factor_dtype.is_floating_point):
+        raise TypeError(f"factor_dtype={factor_dtype!r} must be a floating-point torch.dtype")
+    if not weight.is_meta and not bool(torch.isfinite(weight).all()):
+        raise ValueError("weight contains NaN or Inf: the spectral partition and the anchor W0 need a finite weight")
+
+
+def _save_unmerged_weight(module: SMoALinear, state_dict, prefix: str, local_metadata) -> None:
+    """``state_dict()`` of a merged layer saves the original W0 (with the factors), so that loading it into a fresh
+    layer does not apply the update twice."""
+    if module.merged and prefix + "weight" in state_dict:
+        state_dict[prefix + "weight"] = module._original_weight().clone()
+
+
 class SMoALinear(nn.Module):
     """A frozen linear layer ``y = x W0ᵀ + b`` plus the SMoA update ``s · dropout(x) ΔWᵀ`` (SPEC §2).
 
@@ -102,6 +322,10 @@ class SMoALinear(nn.Module):
         factor_dtype: dtype of the trainable factors; default fp32 over a half-precision base, else W0's dtype.
         init_weights: ``True`` — A kaiming-uniform per block, B = 0 (an exact no-op); ``False`` — B random too (tests).
         backend: ``None`` (follow :func:`smoa.use_backend` / ``$SMOA_BACKEND``) or a name from ``smoa.BACKENDS``.
+
+    The orders are validated wherever they enter (construction, ``layer.row_order = t``, ``load_state_dict`` in any
+    integer dtype, ``to_empty()``) and re-validated at the call when the tensor object, its version or its storage
+    changed; only a write through ``.data`` (which also hides from autograd) escapes that guard.
     """
 
     def __init__(
@@ -160,34 +384,127 @@ class SMoALinear(nn.Module):
 
     def _attach(self, weight, bias, r, num_blocks, alpha, dropout, ordering, seed, svd_dtype, factor_dtype,
                 init_weights, backend) -> None:  # fmt: skip
+        # Everything is checked and computed before the wrapped nn.Linear is touched: a failure leaves it as it was.
         out_features, in_features = weight.shape
         check_smoa_arguments(in_features, out_features, r, num_blocks, alpha, dropout, ordering)
-        self.backend = None if backend is None else check_backend_name(backend)
+        backend = None if backend is None else check_backend_name(backend)
+        _check_layer_inputs(weight, svd_dtype, factor_dtype)
+        if weight.is_meta:  # the orders must then come from a checkpoint (see _orders_pending)
+            row_order = torch.empty(out_features, dtype=torch.long, device="meta")
+            col_order = torch.empty(in_features, dtype=torch.long, device="meta")
+        else:
+            row_order, col_order = compute_orders(weight, ordering, seed=seed, svd_dtype=svd_dtype)
+        if factor_dtype is None:
+            factor_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        rank = int(r) // int(num_blocks)
+        smoa_A = nn.Linear(in_features, rank, bias=False, device=weight.device, dtype=factor_dtype)
+        smoa_B = nn.Linear(rank, out_features, bias=False, device=weight.device, dtype=factor_dtype)
+        info = partition_info(weight, int(num_blocks), int(r), ordering)
+
+        self.backend = backend
         self.in_features, self.out_features = in_features, out_features
         self.r, self.num_blocks, self.ordering = int(r), int(num_blocks), ordering
+        self._seed, self._svd_dtype = int(seed), svd_dtype
         self.alpha = float(r if alpha is None else alpha)
         self.scale = self.alpha / self.r
         self.weight = weight
-        self.weight.requires_grad_(False)
         if bias is None:
             self.register_parameter("bias", None)
         else:
             self.bias = bias
-            self.bias.requires_grad_(False)
-        row_order, col_order = compute_orders(weight, ordering, seed=seed, svd_dtype=svd_dtype)
+        self._order_stamp = None
+        self._orders_pending = weight.is_meta
         self.register_buffer("row_order", row_order)
         self.register_buffer("col_order", col_order)
-        if factor_dtype is None:
-            factor_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        rank = self.r // self.num_blocks
-        self.smoa_A = nn.Linear(in_features, rank, bias=False, device=weight.device, dtype=factor_dtype)
-        self.smoa_B = nn.Linear(rank, out_features, bias=False, device=weight.device, dtype=factor_dtype)
+        self.register_buffer("partition_info", info.to(weight.device) if not weight.is_meta else info)
+        self.smoa_A, self.smoa_B = smoa_A, smoa_B
         self.smoa_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
-        # Entries of W0 that a merge could not keep recoverable (SPEC §5): flat indices and original values.
-        self.register_buffer("_merge_lost_index", None, persistent=False)
-        self.register_buffer("_merge_lost_value", None, persistent=False)
-        self.reset_smoa_parameters(init_weights)
+        self._merge_record: MergeRecord | None = None  # what the current merge wrote (bit-exact unmerge)
+        self._merge_token = uuid.uuid4().hex  # marks the shared W0 Parameter while this layer has merged into it
+        if not weight.is_meta:
+            self._stamp_orders()
+            self.reset_smoa_parameters(init_weights)
+        self.register_state_dict_post_hook(_save_unmerged_weight)
+        self.weight.requires_grad_(False)  # last: only a layer that was fully built freezes the wrapped weight
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+
+    # ---- the orders: validated wherever they enter, guarded at the call -------------------------------------------
+    def __setattr__(self, name: str, value) -> None:
+        if name in ("row_order", "col_order") and name in self.__dict__.get("_buffers", {}):
+            size = self.out_features if name == "row_order" else self.in_features
+            if isinstance(value, torch.Tensor) and value.is_meta:
+                raise ValueError(f"{name} must be a permutation of range({size}), got a meta tensor")
+            value = _check_order_value(name, value, size, self.weight.device)
+            super().__setattr__(name, value)
+            self._stamp_orders()
+            return
+        super().__setattr__(name, value)
+
+    def _stamp_orders(self) -> None:
+        """Remember which order tensors (objects, versions, storage) were validated; :meth:`_check_orders` re-validates
+        anything else. The objects themselves are held, so no address can be reused by another tensor."""
+        row, col = self._buffers["row_order"], self._buffers["col_order"]
+        self._order_stamp = (row, row._version, row.data_ptr(), col, col._version, col.data_ptr())
+        self._orders_pending = False
+
+    def _check_orders(self) -> None:
+        if self._orders_pending:
+            raise RuntimeError(
+                "this SMoALinear has no orders yet (built on the meta device, or to_empty()): load a state dict that "
+                "carries row_order and col_order, or call recompute_orders() to derive them from W0"
+            )
+        if torch.compiler.is_compiling():
+            return
+        row, col, stamp = self.row_order, self.col_order, self._order_stamp
+        if stamp is None or not (
+            stamp[0] is row and stamp[1] == row._version and stamp[2] == row.data_ptr()
+            and stamp[3] is col and stamp[4] == col._version and stamp[5] == col.data_ptr()
+        ):  # fmt: skip
+            validate_order("row_order", row, self.out_features)
+            validate_order("col_order", col, self.in_features)
+            self._stamp_orders()
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to()/.cuda() keep the orders' values; to_empty() does not: give back the known orders (or, from the meta
+        # device, mark them missing) instead of leaving garbage that indexes W0 out of range.
+        row, col, info = self.row_order, self.col_order, self.partition_info
+        known = None if row.is_meta else (row.detach().cpu().clone(), col.detach().cpu().clone())
+        info_values = None if info.is_meta else info.detach().cpu().clone()
+        result = super()._apply(fn, recurse)
+        if self.row_order is not row or self.col_order is not col:
+            if known is None:
+                self.row_order.fill_(-1)
+                self.col_order.fill_(-1)
+                self._orders_pending = True
+            else:
+                for name, values in zip(("row_order", "col_order"), known):
+                    buffer = self._buffers[name]
+                    if buffer.is_meta:
+                        continue
+                    if not torch.equal(buffer.cpu(), values):
+                        buffer.copy_(values.to(buffer.device))
+                if not self.row_order.is_meta:
+                    self._stamp_orders()
+        if info_values is not None and not self.partition_info.is_meta:
+            if not torch.equal(self.partition_info.cpu(), info_values):
+                self.partition_info.copy_(info_values.to(self.partition_info.device))
+        return result
+
+    @torch.no_grad()
+    def recompute_orders(self) -> None:
+        """Derive ``row_order``/``col_order`` again from the current W0 (this layer's ``ordering``, seed and
+        ``svd_dtype``): the explicit opt-in when a checkpoint did not bring them. The factors are kept as they are."""
+        if self.merged:
+            raise RuntimeError("recompute_orders() needs the original W0: call unmerge() first")
+        if self.weight.is_meta:
+            raise RuntimeError("recompute_orders() needs W0's values: the weight is on the meta device")
+        row_order, col_order = compute_orders(self.weight, self.ordering, seed=self._seed, svd_dtype=self._svd_dtype)
+        self.row_order, self.col_order = row_order, col_order
+        saved = self.partition_info[6:].view(torch.float64)
+        if bool(torch.isnan(saved).any()):  # built on the meta device: record the W0 the adapter now lives on
+            self.partition_info.copy_(partition_info(self.weight, self.num_blocks, self.r, self.ordering))
 
     @property
     def rank_per_block(self) -> int:
@@ -212,6 +529,7 @@ class SMoALinear(nn.Module):
     # ---- the official per-block layout -------------------------------------------------------------------------
     def block_factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``[(A_k, B_k)]`` in the authors' layout (``A_k``: r_k×|C_k|, ``B_k``: |R_k|×r_k), detached copies."""
+        self._check_orders()
         with torch.no_grad():
             blocks = lora_to_blocks(
                 self.smoa_A.weight, self.smoa_B.weight, self.row_order, self.col_order, self.num_blocks
@@ -221,6 +539,7 @@ class SMoALinear(nn.Module):
     @torch.no_grad()
     def load_block_factors(self, blocks) -> None:
         """Inverse of :meth:`block_factors`: load per-block factors (e.g. converted from an official checkpoint)."""
+        self._check_orders()
         blocks = list(blocks)
         if len(blocks) != self.num_blocks:
             raise ValueError(f"blocks has {len(blocks)} entries, expected num_blocks={self.num_blocks}")
@@ -240,8 +559,10 @@ class SMoALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features (shape {tuple(x.shape)}), expected {self.in_features}")
+        self._check_weight_owner()
         if self.merged:
             return F.linear(x, self.weight, self.bias)
+        self._check_orders()
         return smoa_linear(
             x,
             self.smoa_dropout(x),
@@ -257,59 +578,141 @@ class SMoALinear(nn.Module):
         )
 
     # ---- ΔW and merge -------------------------------------------------------------------------------------------
-    def _modulation(self) -> torch.Tensor:
-        return smoa_modulation(self.weight, [(self.scale, self.smoa_A.weight, self.smoa_B.weight, self.row_order,
-                                              self.col_order, self.num_blocks)])  # fmt: skip
+    def _adapter_tuple(self) -> tuple:
+        return (self.scale, self.smoa_A.weight, self.smoa_B.weight, self.row_order, self.col_order, self.num_blocks)
+
+    def _check_weight_owner(self) -> None:
+        owner = getattr(self.weight, "_smoa_merged_by", None)
+        if owner is not None and owner != self._merge_token:
+            raise RuntimeError(
+                "the base weight W0 of this SMoALinear holds another SMoA layer's merged update (two from_linear "
+                "wrappers share one nn.Linear): unmerge() that layer before using this one"
+            )
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
         """``s·ΔW`` (d_out×d_in, original coordinates) in the factors' dtype."""
         if self.merged:
             raise RuntimeError("delta_weight() needs the original W0 as anchor: call unmerge() first")
+        self._check_weight_owner()
+        self._check_orders()
         delta = dense_delta_weight(
             self.weight, self.smoa_A.weight, self.smoa_B.weight, self.row_order, self.col_order, self.num_blocks
         )
         return delta * self.scale
 
     @torch.no_grad()
-    def merge(self) -> None:
+    def _original_weight(self) -> torch.Tensor:
+        """W0 as it was before the merge, bit for bit (the weight itself when unmerged)."""
+        if not self.merged:
+            return self.weight.detach()
+        return exact_unmerge(self.weight.detach(), self._merge_record)
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False) -> None:
         """``W0 ← W0 ⊙ (1 + s·P) = W0 + s·ΔW``: inference then costs exactly a plain linear layer.
 
-        Unmerge divides back (see :func:`modulated_merge`): W0 to rounding, exactly where a division cannot.
+        ``safe_merge=True`` (PEFT's option) refuses, leaving W0 unchanged, when the merged weight would hold NaN/Inf.
+        The merge records copies of the factors and every W0 entry a division would not give back, so
+        :meth:`unmerge` restores W0 bit for bit whatever happens to the factors meanwhile (an optimizer step, a load).
         """
         if self.merged:
             return
-        merged, lost_index, lost_value = modulated_merge(self.weight.detach(), self._modulation())
+        self._check_weight_owner()
+        self._check_orders()
+        merged, record = exact_merge(self.weight.detach(), [self._adapter_tuple()], safe_merge, "this SMoALinear")
         self.weight.copy_(merged)
-        self._merge_lost_index, self._merge_lost_value = lost_index, lost_value
+        self._merge_record = record
         self.merged = True
+        self.weight._smoa_merged_by = self._merge_token
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Restore W0 after :meth:`merge`, to rounding (exactly where the merge had to keep the original)."""
+        """Restore W0 after :meth:`merge`, bit for bit (with the factors recorded at the merge)."""
         if not self.merged:
             return
-        original = modulated_unmerge(
-            self.weight.detach(), self._modulation(), self._merge_lost_index, self._merge_lost_value
-        )
-        self.weight.copy_(original)
-        self._merge_lost_index = self._merge_lost_value = None
+        self.weight.copy_(self._original_weight())
+        self._merge_record = None
         self.merged = False
+        self.weight.__dict__.pop("_smoa_merged_by", None)
 
     # ---- state --------------------------------------------------------------------------------------------------
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter without W0 (keys as in ``state_dict()``): factors, orders and the partition record (K, r,
+        shape, ordering, a fingerprint of W0). ``load_state_dict(..., strict=False)`` takes it back; a load of factors
+        without their orders is refused (see :func:`allow_missing_orders`)."""
+        state = self.state_dict()
+        return {key: state[key] for key in _ADAPTER_KEYS}
+
+    def _check_state_dict(self, state_dict, prefix: str) -> None:
+        """Raise naming the key for anything in ``state_dict`` (under ``prefix``) that this layer cannot load
+        exactly; integer orders of any dtype are replaced by int64 copies. Nothing is written to the layer."""
+        keys = {name: prefix + name for name in (*_ADAPTER_KEYS, "weight", "bias")}
+        present = {name for name, key in keys.items() if key in state_dict}
+        if not present:
+            return
+        if self.merged:
+            raise RuntimeError(
+                f"{prefix or 'this '}SMoALinear is merged: call unmerge() before load_state_dict (loading "
+                f"{sorted(keys[name] for name in present)[:3]} into a merged weight could not be undone)"
+            )
+        orders = {"row_order", "col_order"} & present
+        factors = {"smoa_A.weight", "smoa_B.weight"} & present
+        if len(orders) == 1:
+            (given,) = orders
+            missing = ({"row_order", "col_order"} - orders).pop()
+            raise ValueError(f"{keys[given]} is loaded without {keys[missing]}: the orders are loaded together")
         for name, size in (("row_order", self.out_features), ("col_order", self.in_features)):
-            if prefix + name in state_dict:
-                validate_order(prefix + name, state_dict[prefix + name], size)
-        for name, param in (("smoa_A.weight", self.smoa_A.weight), ("smoa_B.weight", self.smoa_B.weight)):
-            value = state_dict.get(prefix + name)
-            if value is not None and tuple(value.shape) != tuple(param.shape):
-                raise ValueError(
-                    f"{prefix + name} has shape {tuple(value.shape)}, expected {tuple(param.shape)} "
-                    f"(r={self.r}, num_blocks={self.num_blocks}, in_features={self.in_features}, "
-                    f"out_features={self.out_features})"
-                )
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+            if name in present:
+                state_dict[keys[name]] = _check_order_value(keys[name], state_dict[keys[name]], size, "cpu")
+        if orders and not factors:
+            raise ValueError(
+                f"{keys['row_order']}/{keys['col_order']} are loaded without {keys['smoa_A.weight']}/"
+                f"{keys['smoa_B.weight']}: new orders would re-partition the current factors; load them together"
+            )
+        if factors and not orders and not missing_orders_allowed():
+            raise ValueError(
+                f"{sorted(keys[name] for name in factors)} loaded without {keys['row_order']}/{keys['col_order']}: the "
+                "factors only make sense with the orders they were trained with. Load SMoALinear.adapter_state_dict() "
+                "(which carries them), or opt in with `with smoa.layer.allow_missing_orders():` to recompute them "
+                "from W0"
+            )
+        for name, param in (("smoa_A.weight", self.smoa_A.weight), ("smoa_B.weight", self.smoa_B.weight),
+                            ("weight", self.weight), ("bias", self.bias)):  # fmt: skip
+            if name in present and param is not None:
+                value = state_dict[keys[name]]
+                if isinstance(value, torch.Tensor) and tuple(value.shape) != tuple(param.shape):
+                    raise ValueError(
+                        f"{keys[name]} has shape {tuple(value.shape)}, expected {tuple(param.shape)} "
+                        f"(r={self.r}, num_blocks={self.num_blocks}, in_features={self.in_features}, "
+                        f"out_features={self.out_features})"
+                    )
+                check_loaded_tensor(keys[name], value)
+        if "partition_info" in present:
+            check_partition_info(keys["partition_info"], state_dict[keys["partition_info"]], self.num_blocks, self.r,
+                                 self.out_features, self.in_features)  # fmt: skip
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # fmt: skip
+        self._check_state_dict(state_dict, prefix)
+        has = {name: prefix + name in state_dict for name in _ADAPTER_KEYS}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)  # fmt: skip
+        if not has["partition_info"] and prefix + "partition_info" in missing_keys:
+            missing_keys.remove(prefix + "partition_info")  # a state dict written before the record existed
+        if has["row_order"]:
+            self._stamp_orders()  # validated above; clears a pending (meta / to_empty) state
+        elif has["smoa_A.weight"] or has["smoa_B.weight"]:  # allowed only under allow_missing_orders()
+            warnings.warn(
+                f"{prefix}row_order/{prefix}col_order were not in the state dict: recomputing them from W0 "
+                f"(ordering={self.ordering!r}) as allow_missing_orders() asked",
+                stacklevel=3,
+            )
+            self.recompute_orders()
+        if has["partition_info"]:
+            self.ordering = saved_ordering(self.partition_info) or self.ordering  # the label of the loaded orders
+            if fingerprint_differs(self.partition_info, self.weight):
+                warn_w0_differs(prefix + "partition_info")
 
     def extra_repr(self) -> str:
         dropout = self.smoa_dropout.p if isinstance(self.smoa_dropout, nn.Dropout) else 0.0

@@ -12,13 +12,22 @@ import logging
 import re
 from collections.abc import Iterable
 
+import torch
 import torch.nn as nn
 
 from smoa.layer import SMoALinear
 
-__all__ = ["apply_smoa", "merge_smoa", "smoa_layers"]
+__all__ = ["adapter_state_dict", "apply_smoa", "merge_smoa", "smoa_layers"]
 
 logger = logging.getLogger(__name__)
+
+
+def _check_pattern(argument: str, pattern) -> None:
+    if isinstance(pattern, str) and pattern != "all-linear":
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(f"{argument}={pattern!r} is not a valid regular expression ({error})") from None
 
 
 def _name_matches(name: str, targets: str | Iterable[str]) -> bool:
@@ -33,6 +42,8 @@ def smoa_layers(model: nn.Module) -> dict[str, SMoALinear]:
 
 
 def _select_targets(model: nn.Module, target_modules, exclude_modules) -> list[str]:
+    _check_pattern("target_modules", target_modules)
+    _check_pattern("exclude_modules", exclude_modules)
     if isinstance(target_modules, str) and target_modules == "all-linear":
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not output]
@@ -76,12 +87,21 @@ def apply_smoa(
     ``init_weights``, ``backend``).
     """
     names = _select_targets(model, target_modules, exclude_modules)
-    new_layers = {
-        name: SMoALinear.from_linear(
-            model.get_submodule(name), r, num_blocks, alpha, dropout, ordering, **layer_options
-        )
-        for name in names
-    }  # every layer is built (and every argument checked) before the model is touched
+    flags = {param: param.requires_grad for param in model.parameters()}
+    try:  # every layer is built (and every argument checked) before the model is touched
+        new_layers = {
+            name: SMoALinear.from_linear(
+                model.get_submodule(name), r, num_blocks, alpha, dropout, ordering, **layer_options
+            )
+            for name in names
+        }
+    except Exception:
+        for param, flag in flags.items():  # a layer built before the failing one froze its nn.Linear
+            param.requires_grad_(flag)
+        raise
+    if not getattr(model, "_smoa_load_check", False):  # a bad layer in a state dict fails before any is loaded
+        model.register_load_state_dict_pre_hook(_check_whole_state_dict)
+        model._smoa_load_check = True
     for param in model.parameters():
         param.requires_grad_(False)
     for name, layer in new_layers.items():
@@ -97,6 +117,7 @@ def merge_smoa(model: nn.Module) -> nn.Module:
     """Merge every SMoA layer into its weight and replace it by a plain ``nn.Linear`` (same output, no adapter)."""
     for name, layer in smoa_layers(model).items():
         layer.merge()
+        layer.weight.__dict__.pop("_smoa_merged_by", None)  # the merged weight is now the plain layer's own
         linear = nn.Linear(
             layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta", dtype=layer.weight.dtype
         )
@@ -105,3 +126,21 @@ def merge_smoa(model: nn.Module) -> nn.Module:
             linear.bias = layer.bias
         model.set_submodule(name, linear)
     return model
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every SMoA layer's :meth:`SMoALinear.adapter_state_dict` under its module name (factors, orders, partition
+    record; no base weights): the small checkpoint to save, loaded back with ``model.load_state_dict(sd,
+    strict=False)``. Unlike a "trainable parameters only" dict it keeps the orders, which a load requires."""
+    return {
+        f"{name}.{key}": value
+        for name, layer in smoa_layers(model).items()
+        for key, value in layer.adapter_state_dict().items()
+    }
+
+
+def _check_whole_state_dict(module, state_dict, prefix, *args) -> None:
+    """Load pre-hook of a model patched by :func:`apply_smoa`: check every SMoA layer's entries before any module
+    loads, so that a bad tensor for the last layer does not leave the first ones loaded."""
+    for name, layer in smoa_layers(module).items():
+        layer._check_state_dict(state_dict, f"{prefix}{name}." if name else prefix)

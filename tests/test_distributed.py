@@ -95,7 +95,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             torch.equal(p.full_tensor(), frozen_before[n]) for n, p in model.named_parameters() if not p.requires_grad
         )
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        results["fsdp"] = {k: v for k, v in full.items() if ".smoa_" in k and "_order" not in k}
+        results["fsdp"] = {
+            k: v for k, v in full.items() if ".smoa_" in k and "_order" not in k and "_partition_info" not in k
+        }
         if rank == 0:
             model.save_pretrained(os.path.join(out_dir, "fsdp_adapter"), state_dict=full)
 

@@ -500,9 +500,5 @@ def build_case(provider: str | Provider, inputs: BenchInputs, r: int, num_blocks
     return Case(provider, inputs, built, variant)
 
 
-# providers in their own modules (each registers itself)
-# isort: split
-from smoa.bench import (
-    providers_bnb,  # noqa: F401
-    providers_hira,  # noqa: F401  (registers hira-smoa: PEFT HiRA after smoa.accelerate)
-)
+# providers in their own modules (each registers itself): bnb 4-bit bases, PEFT HiRA after smoa.accelerate
+from smoa.bench import providers_bnb, providers_hira  # noqa: E402, F401

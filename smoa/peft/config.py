@@ -15,13 +15,17 @@ Naming choices (so that a ``LoraConfig(...)`` call becomes an ``SMoAConfig(...)`
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 import numbers
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from peft.config import PeftConfig
-from peft.utils import SAFETENSORS_WEIGHTS_NAME, PeftType
+from peft.config import PeftConfig, PeftConfigMixin
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, PeftType
 
 from smoa.partition import ORDERINGS
 
@@ -119,6 +123,13 @@ class SMoAConfig(PeftConfig):
         self.exclude_modules = (
             set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
         )
+        for argument in ("target_modules", "exclude_modules"):
+            pattern = getattr(self, argument)
+            if isinstance(pattern, str) and pattern != "all-linear":
+                try:
+                    re.compile(pattern)
+                except re.error as error:
+                    raise ValueError(f"{argument}={pattern!r} is not a valid regular expression ({error})") from None
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
         if isinstance(self.target_modules, str) and self.layers_pattern is not None:
@@ -162,3 +173,109 @@ class SMoAConfig(PeftConfig):
                     "re-save the adapter"
                 ) from error
         return config
+
+
+# ---- reading adapter folders: clear errors before PEFT or transformers touch a model -------------------------------
+# PEFT reads every adapter_config.json through PeftConfigMixin.from_json_file (PeftConfig.from_pretrained,
+# PeftModel.from_pretrained, load_adapter, transformers' load_adapter); smoa wraps it (on import) so that:
+# - a file that is not valid JSON raises ValueError naming the file;
+# - a folder holding an SMoA adapter whose peft_type says something else (e.g. LORA) is refused instead of loading as
+#   that method and silently dropping the SMoA tensors;
+# - for an SMoA folder, a pickle adapter_model.bin is refused before anything unpickles it, an invalid config is
+#   reported with the file's name, and adapter_model.safetensors is checked in full — readable, finite factors,
+#   orders that are permutations, the saved partition (K, r, shape) equal to the config's — before any model changes.
+_SMOA_FIELDS = {"num_blocks", "ordering", "svd_dtype"}
+_validated: dict[tuple, bool] = {}  # (path, mtime, size) of safetensors files already checked
+
+
+def _has_smoa_tensors(weights: str) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(weights, framework="pt") as handle:
+            return any(".smoa_" in key or key.startswith("smoa_") for key in handle.keys())
+    except Exception:
+        return False
+
+
+def _check_smoa_weights(weights: str, config: dict, config_file: str) -> None:
+    from peft.utils.other import get_pattern_key
+    from safetensors import safe_open
+
+    from smoa.layer import check_loaded_tensor, check_partition_info
+    from smoa.partition import validate_order
+
+    stat = os.stat(weights)
+    cache_key = (os.path.abspath(weights), stat.st_mtime_ns, stat.st_size, json.dumps(config, sort_keys=True))
+    if cache_key in _validated:
+        return
+    try:
+        with safe_open(weights, framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as error:
+        raise ValueError(
+            f"{weights} is not a readable safetensors file ({error}); nothing was loaded — re-download or re-save the "
+            "adapter"
+        ) from error
+    num_blocks, rank_pattern = config.get("num_blocks", 2), config.get("rank_pattern") or {}
+    for key, value in tensors.items():
+        try:
+            if key.endswith(("smoa_row_order", "smoa_col_order")):
+                validate_order(f"{key} in {weights}", value, value.numel())
+            elif key.endswith("smoa_partition_info"):
+                module = key.removesuffix(".smoa_partition_info").removeprefix("base_model.model.")
+                r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config.get("r", 8))
+                d_out, d_in = (int(v) for v in value[3:5].tolist()) if value.numel() >= 5 else (0, 0)
+                check_partition_info(f"{key} in {weights}", value, num_blocks, r, d_out, d_in)
+            elif value.is_floating_point() or ".smoa_" in key:
+                check_loaded_tensor(f"{key} in {weights}", value)
+        except ValueError as error:
+            raise ValueError(f"{error} (adapter_config.json: {config_file}); nothing was loaded") from None
+    _validated[cache_key] = True
+
+
+def _check_adapter_folder(config: dict, config_file: str) -> None:
+    folder = os.path.dirname(os.path.abspath(config_file))
+    weights, pickle_file = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME), os.path.join(folder, WEIGHTS_NAME)
+    peft_type = config.get("peft_type")
+    is_smoa = peft_type == "SMOA"
+    if not is_smoa and (_SMOA_FIELDS <= config.keys() or (os.path.isfile(weights) and _has_smoa_tensors(weights))):
+        raise ValueError(
+            f"{config_file} says peft_type={peft_type!r}, but the folder holds an SMoA adapter (its num_blocks/"
+            f"ordering fields or smoa_ tensors); loading it as {peft_type!r} would silently drop the SMoA weights. "
+            'Set "peft_type": "SMOA" in that file (and `import smoa` before loading)'
+        )
+    if not is_smoa:
+        return
+    if os.path.isfile(pickle_file) and not os.path.isfile(weights):
+        raise ValueError(
+            f"{pickle_file}: SMoA adapters are read from {SAFETENSORS_WEIGHTS_NAME} only; refusing to unpickle a "
+            ".bin file (a pickle can run code). Re-save the adapter with save_pretrained() (safetensors)"
+        )
+    fields = {f.name for f in dataclasses.fields(SMoAConfig)}
+    try:  # the dataclass' own checks, reported with the file's name
+        SMoAConfig(**{k: v for k, v in config.items() if k in fields and k != "peft_type"})
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{config_file}: {error}") from None
+    if os.path.isfile(weights):
+        _check_smoa_weights(weights, config, config_file)
+
+
+def _checked_from_json_file(from_json_file):
+    @functools.wraps(from_json_file)
+    def wrapper(cls, path_json_file: str, **kwargs):
+        try:
+            config = from_json_file.__func__(cls, path_json_file, **kwargs)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path_json_file} is not valid JSON ({error}): re-save the adapter config") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{path_json_file} must hold a JSON object, got {type(config).__name__}")
+        _check_adapter_folder(config, path_json_file)
+        return config
+
+    wrapper._smoa_checked = True
+    return classmethod(wrapper)
+
+
+if not getattr(PeftConfigMixin.from_json_file, "_smoa_checked", False):
+    PeftConfigMixin.from_json_file = _checked_from_json_file(PeftConfigMixin.from_json_file)

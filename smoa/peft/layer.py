@@ -28,7 +28,20 @@ from peft.utils.integrations import gather_params_ctx
 from transformers.pytorch_utils import Conv1D
 
 from smoa.backends import smoa_linear
-from smoa.layer import check_smoa_arguments, modulated_merge, modulated_unmerge, smoa_modulation
+from smoa.layer import (
+    MergeRecord,
+    _check_order_value,
+    check_loaded_tensor,
+    check_partition_info,
+    check_smoa_arguments,
+    exact_merge,
+    exact_unmerge,
+    fingerprint_differs,
+    missing_orders_allowed,
+    partition_info,
+    smoa_modulation,
+    warn_w0_differs,
+)
 from smoa.partition import compute_orders, validate_order
 from smoa_kernels.reference import blocks_to_lora, dense_delta_weight
 
@@ -44,6 +57,28 @@ except ImportError:  # torch built without distributed
     _FSDP_WRAPPERS = ()
 
 
+class _OrderDict(BufferDict):
+    """The per-adapter orders, validated on every assignment (any integer dtype, stored as int64). An all ``-1``
+    tensor is the "to be loaded from the checkpoint" placeholder (see ``SMoALayer.update_layer``)."""
+
+    def __init__(self, size: int, name: str) -> None:
+        super().__init__({}, persistent=True)
+        self._order_size, self._order_name = size, name
+
+    def _checked(self, key: str, value):
+        if isinstance(value, torch.Tensor) and (value.is_meta or (value.numel() and bool((value == -1).all()))):
+            return value
+        return _check_order_value(f"{self._order_name}.{key}", value, self._order_size, getattr(value, "device", "cpu"))
+
+    def __setitem__(self, key: str, buffer) -> None:
+        super().__setitem__(key, self._checked(key, buffer))
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in self.__dict__.get("_buffers", {}):
+            value = self._checked(name, value)
+        super().__setattr__(name, value)
+
+
 class SMoALayer(BaseTunerLayer):
     """Adapter state and merge bookkeeping shared by SMoA tuner layers (see the module docstring)."""
 
@@ -56,6 +91,7 @@ class SMoALayer(BaseTunerLayer):
         "smoa_dropout",
         "smoa_row_order",
         "smoa_col_order",
+        "smoa_partition_info",
     )
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
@@ -67,15 +103,16 @@ class SMoALayer(BaseTunerLayer):
         self.smoa_dropout = nn.ModuleDict({})
         self.smoa_A = nn.ModuleDict({})
         self.smoa_B = nn.ModuleDict({})
-        self.smoa_row_order = BufferDict({}, persistent=True)
-        self.smoa_col_order = BufferDict({}, persistent=True)
+        self.smoa_partition_info = BufferDict({}, persistent=True)  # [format, K, r, d_out, d_in, ordering, W0 print]
         # adapters whose orders are still to come from a checkpoint (or, failing that, from the SVD at first use)
         self._smoa_orders_pending: set[str] = set()
+        # adapters whose orders were lost to to_empty() from the meta device: only a checkpoint can bring them back
+        self._smoa_orders_lost: set[str] = set()
         self._smoa_order_options: dict[str, tuple[str, int, torch.dtype]] = {}  # (ordering, seed, svd_dtype)
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        # entries of the original W0 that the current merge could not keep recoverable (flat index, value)
-        self._smoa_merge_lost: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._smoa_merge_record: MergeRecord | None = None  # what the current merge wrote (bit-exact unmerge)
+        self._smoa_order_stamp: dict[str, tuple] = {}  # the order tensors last validated, per adapter
         self.kwargs = kwargs
 
         base = self.get_base_layer()
@@ -87,6 +124,8 @@ class SMoALayer(BaseTunerLayer):
         else:
             raise TypeError(f"SMoA supports torch.nn.Linear and transformers Conv1D layers, got {type(base).__name__}")
         self.in_features, self.out_features = in_features, out_features
+        self.smoa_row_order = _OrderDict(out_features, "smoa_row_order")
+        self.smoa_col_order = _OrderDict(in_features, "smoa_col_order")
 
     # ---- W0 in SPEC orientation (d_out×d_in) -------------------------------------------------------------------
     def _base_weight(self) -> torch.Tensor:
@@ -118,6 +157,7 @@ class SMoALayer(BaseTunerLayer):
             # the orders will be loaded with the factors: no SVD now (identity placeholders for the init, then -1)
             row_order = torch.arange(self.out_features, device=device)
             col_order = torch.arange(self.in_features, device=device)
+            info = partition_info(base_weight, num_blocks, r, config.ordering, fingerprint=False)
         else:
             # under DeepSpeed ZeRO-3 (partitioned) or FSDP2 (DTensor shards) the SVD must see the full W0
             with gather_params_ctx(self.get_base_layer().weight):
@@ -127,9 +167,12 @@ class SMoALayer(BaseTunerLayer):
                 row_order, col_order = compute_orders(
                     full_weight, config.ordering, seed=config.seed, svd_dtype=svd_dtype
                 )
+                info = partition_info(full_weight, num_blocks, r, config.ordering)
             self._smoa_orders_pending.discard(adapter_name)
         self.smoa_row_order[adapter_name] = row_order
         self.smoa_col_order[adapter_name] = col_order
+        info[3:5] = torch.tensor([self.out_features, self.in_features])  # the layer's shape, whatever W0's storage
+        self.smoa_partition_info[adapter_name] = info.to(device if not base_weight.is_meta else "cpu")
 
         rank = r // num_blocks
         factor_dtype = base_weight.dtype  # PEFT then upcasts half-precision adapters (autocast_adapter_dtype=True)
@@ -174,7 +217,9 @@ class SMoALayer(BaseTunerLayer):
             self.unmerge()
         super().delete_adapter(adapter_name)
         self._smoa_orders_pending.discard(adapter_name)
+        self._smoa_order_stamp.pop(adapter_name, None)
         self._smoa_order_options.pop(adapter_name, None)
+        self._smoa_orders_lost.discard(adapter_name)
 
     # ---- orders -------------------------------------------------------------------------------------------------
     def _orders(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,7 +230,13 @@ class SMoALayer(BaseTunerLayer):
                 validate_order(f"smoa_row_order.{adapter_name}", rows, self.out_features)
                 validate_order(f"smoa_col_order.{adapter_name}", cols, self.in_features)
                 self._smoa_orders_pending.discard(adapter_name)
+                self._smoa_orders_lost.discard(adapter_name)
                 return rows, cols
+            if adapter_name in self._smoa_orders_lost:
+                raise RuntimeError(
+                    f"SMoA adapter {adapter_name!r} has no orders (built on the meta device, then to_empty()): load "
+                    "its checkpoint (set_peft_model_state_dict / load_state_dict with smoa_row_order, smoa_col_order)"
+                )
             # A config read from a checkpoint but no orders loaded (e.g. SMoAConfig(**saved_config) used for a new
             # adapter): fall back to the SVD of the (unmerged) W0, which the adapter was then initialised on.
             if self.merged:
@@ -200,36 +251,131 @@ class SMoALayer(BaseTunerLayer):
             self.smoa_row_order[adapter_name].copy_(row_order)
             self.smoa_col_order[adapter_name].copy_(col_order)
             self._smoa_orders_pending.discard(adapter_name)
-        return self.smoa_row_order[adapter_name], self.smoa_col_order[adapter_name]
+        rows, cols = self.smoa_row_order[adapter_name], self.smoa_col_order[adapter_name]
+        if not torch.compiler.is_compiling() and not rows.is_meta:  # re-validate a replaced or rewritten tensor
+            stamp = (rows, rows._version, rows.data_ptr(), cols, cols._version, cols.data_ptr())
+            old = self._smoa_order_stamp.get(adapter_name)
+            if old is None or not all(a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(old, stamp)):
+                validate_order(f"smoa_row_order.{adapter_name}", rows, self.out_features)
+                validate_order(f"smoa_col_order.{adapter_name}", cols, self.in_features)
+                self._smoa_order_stamp[adapter_name] = stamp
+        return rows, cols
+
+    def _check_adapter_state(self, state_dict, prefix: str, adapter_name: str) -> None:
+        """Raise naming the key for anything in ``state_dict`` (under ``prefix``) that adapter ``adapter_name`` of this
+        layer cannot load exactly; integer orders of any dtype are replaced by int64 copies. Nothing is written."""
+        keys = {
+            "rows": f"{prefix}smoa_row_order.{adapter_name}",
+            "cols": f"{prefix}smoa_col_order.{adapter_name}",
+            "info": f"{prefix}smoa_partition_info.{adapter_name}",
+            "A": f"{prefix}smoa_A.{adapter_name}.weight",
+            "B": f"{prefix}smoa_B.{adapter_name}.weight",
+        }
+        present = {name for name, key in keys.items() if key in state_dict}
+        if adapter_name in self.merged_adapters and present:
+            raise RuntimeError(
+                f"adapter {adapter_name!r} is merged into {prefix or 'this layer'}: unmerge it before loading "
+                f"{keys['A']} (a load into a merged adapter could not be undone)"
+            )
+        orders, factors = {"rows", "cols"} & present, {"A", "B"} & present
+        if len(orders) == 1:
+            (given,) = orders
+            raise ValueError(f"{keys[given]} is loaded without {keys[({'rows', 'cols'} - orders).pop()]}")
+        for name, size in (("rows", self.out_features), ("cols", self.in_features)):
+            if name in present:
+                state_dict[keys[name]] = _check_order_value(keys[name], state_dict[keys[name]], size, "cpu")
+        if orders and not factors:
+            raise ValueError(f"{keys['rows']}/{keys['cols']} are loaded without the factors {keys['A']}/{keys['B']}")
+        if factors and not orders and not missing_orders_allowed():
+            raise ValueError(
+                f"{keys['A']} is loaded without {keys['rows']}/{keys['cols']}: SMoA factors only make sense with the "
+                "orders they were trained with (get_peft_model_state_dict and save_pretrained include them). Opt in "
+                "with `with smoa.layer.allow_missing_orders():` to recompute them from W0"
+            )
+        for name, param in (("A", self.smoa_A[adapter_name].weight), ("B", self.smoa_B[adapter_name].weight)):
+            if name in present:
+                check_loaded_tensor(keys[name], state_dict[keys[name]], param.shape)
+        if "info" in present:
+            check_partition_info(keys["info"], state_dict[keys["info"]], self.num_blocks[adapter_name],
+                                 self.r[adapter_name], self.out_features, self.in_features)  # fmt: skip
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        base_key = f"{prefix}base_layer.weight"
+        if self.merged and base_key in state_dict:
+            raise RuntimeError(f"{prefix or 'this layer'} is merged: unmerge before loading {base_key}")
+        loaded = {}
         for adapter_name in list(self.smoa_A.keys()):
-            for attr, size in (("smoa_row_order", self.out_features), ("smoa_col_order", self.in_features)):
-                key = f"{prefix}{attr}.{adapter_name}"
-                if key in state_dict:
-                    validate_order(key, state_dict[key], size)
-            if all(f"{prefix}{attr}.{adapter_name}" in state_dict for attr in ("smoa_row_order", "smoa_col_order")):
-                self._smoa_orders_pending.discard(adapter_name)
+            self._check_adapter_state(state_dict, prefix, adapter_name)
+            loaded[adapter_name] = (
+                f"{prefix}smoa_row_order.{adapter_name}" in state_dict,
+                f"{prefix}smoa_A.{adapter_name}.weight" in state_dict,
+                f"{prefix}smoa_partition_info.{adapter_name}" in state_dict,
+            )
         nn.Module._load_from_state_dict(
             self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
         )
+        for adapter_name, (orders, factors, info) in loaded.items():
+            if orders:
+                self._smoa_orders_pending.discard(adapter_name)
+                self._smoa_orders_lost.discard(adapter_name)
+                self._smoa_order_stamp.pop(adapter_name, None)
+            elif factors:  # allowed only under allow_missing_orders()
+                warnings.warn(
+                    f"{prefix}smoa_row_order.{adapter_name}/smoa_col_order.{adapter_name} were not in the state dict: "
+                    "recomputing them from W0 as allow_missing_orders() asked",
+                    stacklevel=3,
+                )
+                ordering, seed, svd_dtype = self._smoa_order_options[adapter_name]
+                rows, cols = compute_orders(self._original_weight(), ordering, seed=seed, svd_dtype=svd_dtype)
+                self.smoa_row_order[adapter_name] = rows
+                self.smoa_col_order[adapter_name] = cols
+                self._smoa_orders_pending.discard(adapter_name)
+                self._smoa_orders_lost.discard(adapter_name)
+            key = f"{prefix}smoa_partition_info.{adapter_name}"
+            if not info and key in missing_keys:
+                missing_keys.remove(key)  # an adapter saved before the record existed
+            # (the BufferDicts are child modules, loaded after this hook: compare the incoming record itself)
+            if info:
+                with gather_params_ctx(self.get_base_layer().weight):
+                    if fingerprint_differs(state_dict[key], self._original_weight()):
+                        warn_w0_differs(key)
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to()/.cuda() keep the orders' values; to_empty() does not: give back the known orders (or, from the meta
+        # device, mark them "to be loaded") instead of leaving garbage that indexes W0 out of range.
+        before = {}
+        for attr in ("smoa_row_order", "smoa_col_order", "smoa_partition_info"):
+            for name, value in getattr(self, attr).items():
+                before[attr, name] = None if value.is_meta else value.detach().cpu().clone()
+        result = nn.Module._apply(self, fn, recurse)
+        for (attr, name), values in before.items():
+            buffer = getattr(self, attr)[name]
+            if buffer.is_meta:
+                continue
+            if values is None:
+                if attr != "smoa_partition_info":
+                    buffer.fill_(-1)
+                    self._smoa_orders_pending.add(name)
+                    self._smoa_orders_lost.add(name)
+            elif not torch.equal(buffer.cpu(), values):
+                buffer.copy_(values.to(buffer.device))
+        return result
 
     # ---- ΔW and merge -------------------------------------------------------------------------------------------
+    def _adapter_tuple(self, name: str) -> tuple:
+        return (self.scaling[name], self.smoa_A[name].weight, self.smoa_B[name].weight, *self._orders(name),
+                self.num_blocks[name])  # fmt: skip
+
     def _modulation(self, adapter_names: list[str]) -> torch.Tensor:
         """``1 + Σ_a s_a·P_a`` over ``adapter_names`` (see :func:`smoa.layer.smoa_modulation`)."""
-        return smoa_modulation(
-            self._base_weight(),
-            [(self.scaling[name], self.smoa_A[name].weight, self.smoa_B[name].weight, *self._orders(name),
-              self.num_blocks[name]) for name in adapter_names],
-        )  # fmt: skip
+        return smoa_modulation(self._base_weight(), [self._adapter_tuple(name) for name in adapter_names])
 
     @torch.no_grad()
     def _original_weight(self) -> torch.Tensor:
-        """W0 as it was before any merge (d_out×d_in, W0's dtype)."""
-        if not self.merged:
+        """W0 as it was before any merge (d_out×d_in, W0's dtype), bit for bit."""
+        if not self.merged or self._smoa_merge_record is None:
             return self._base_weight().detach()
-        lost = self._smoa_merge_lost or (None, None)
-        return modulated_unmerge(self._base_weight().detach(), self._modulation(self.merged_adapters), *lost)
+        return exact_unmerge(self._base_weight().detach(), self._smoa_merge_record)
 
     @torch.no_grad()
     def _write_base_weight(self, weight: torch.Tensor) -> None:
@@ -251,6 +397,8 @@ class SMoALayer(BaseTunerLayer):
         """Merge ``adapter_names`` (default: the active adapters) into the base weight: ``W = W0 ⊙ (1 + Σ s·P)``.
 
         ``safe_merge=True`` checks the merged weight for NaN/Inf before writing it (the layer is left unchanged then).
+        The merge records copies of the merged factors and every W0 entry a division would not give back, so
+        :meth:`unmerge` restores W0 bit for bit whatever happens to the factors meanwhile.
         """
         adapter_names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.smoa_A]
         if not adapter_names:
@@ -258,13 +406,12 @@ class SMoALayer(BaseTunerLayer):
         with torch.no_grad():
             original = self._original_weight()
             all_names = self.merged_adapters + adapter_names
-            merged, lost_index, lost_value = modulated_merge(original, self._modulation(all_names))
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(
-                    f"NaNs detected in the merged weights. The adapter {', '.join(adapter_names)} seems to be broken"
-                )
+            merged, record = exact_merge(
+                original, [self._adapter_tuple(name) for name in all_names], safe_merge,
+                f"adapter {', '.join(adapter_names)}",
+            )  # fmt: skip
             self._write_base_weight(merged)
-        self._smoa_merge_lost = (lost_index, lost_value)
+        self._smoa_merge_record = record
         self.merged_adapters.extend(adapter_names)
 
     def unmerge(self) -> None:
@@ -273,7 +420,7 @@ class SMoALayer(BaseTunerLayer):
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         self._write_base_weight(self._original_weight())
-        self._smoa_merge_lost = None
+        self._smoa_merge_record = None
         self.merged_adapters.clear()
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
@@ -302,12 +449,50 @@ class Linear(nn.Module, SMoALayer):
         self.is_target_conv_1d_layer = is_target_conv_1d_layer
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha, config=config)
+        self.register_state_dict_post_hook(_save_unmerged_base_weight)
+
+    def _check_forward_args(self, x: torch.Tensor, adapter_names) -> None:
+        """LoRA's checks for a mixed-adapter batch (``adapter_names``: one name or ``"__base__"`` per sample)."""
+        if adapter_names is None:
+            return
+        if isinstance(adapter_names, str) or len(adapter_names) != len(x):
+            count = "a str" if isinstance(adapter_names, str) else len(adapter_names)
+            raise ValueError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{count} and {len(x)} respectively."
+            )
+        if self.merged:
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
+        """Each sub-batch sharing an adapter name goes through that adapter (``"__base__"``: the base layer)."""
+        result = self.base_layer(x, *args, **kwargs)
+        weight = self._base_weight()
+        for name in dict.fromkeys(adapter_names):
+            if name == "__base__" or name not in self.smoa_A:
+                continue
+            index = torch.tensor([i for i, item in enumerate(adapter_names) if item == name], device=x.device)
+            sub_batch = x.index_select(0, index)
+            rows, cols = self._orders(name)
+            out = smoa_linear(
+                sub_batch, self.smoa_dropout[name](sub_batch), weight, self.get_base_layer().bias,
+                self.smoa_A[name].weight, self.smoa_B[name].weight, rows, cols, self.num_blocks[name],
+                self.scaling[name],
+            )  # fmt: skip
+            result = result.index_copy(0, index, out.to(result.dtype))
+        return result
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        self._check_forward_args(x, adapter_names)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         active = [name for name in self.active_adapters if name in self.smoa_A]
@@ -336,11 +521,22 @@ class Linear(nn.Module, SMoALayer):
                 ).to(result.dtype)  # fmt: skip
         return result
 
-    # nn.Module comes first in the MRO: point its state-dict hook at SMoALayer's (which clears pending orders)
+    # nn.Module comes first in the MRO: point its state-dict hooks at SMoALayer's (which validate and clear pending
+    # orders, and keep the orders through to_empty())
     _load_from_state_dict = SMoALayer._load_from_state_dict
+    _apply = SMoALayer._apply
 
     def __repr__(self) -> str:
         return "smoa." + super().__repr__()
+
+
+def _save_unmerged_base_weight(module: Linear, state_dict, prefix: str, local_metadata) -> None:
+    """``state_dict()`` of a merged layer saves the original W0 (with the factors), so that loading it into a fresh
+    model does not apply the update twice."""
+    key = prefix + "base_layer.weight"
+    if module.merged and key in state_dict:
+        original = module._original_weight()
+        state_dict[key] = (original.T if module.fan_in_fan_out else original).clone()
 
 
 def dispatch_default(target: nn.Module, adapter_name: str, config: SMoAConfig, **kwargs) -> nn.Module | None:

@@ -6,11 +6,19 @@ Beyond PEFT's template (``tuners/hira/model.py``) it guarantees the "bad input l
   module, a quantized layer that is not bitsandbytes' — those go to ``smoa.peft.bnb`` —, an invalid
   ``r``/``num_blocks`` for its shape) raises and every layer already wrapped is rolled back;
 - loading (``PeftModel.from_pretrained``, ``load_adapter``) checks the whole checkpoint against the model — every
-  SMoA layer has its factors and orders, shapes match, orders are permutations — before a single tensor is copied,
-  and on failure removes the adapter it had attached for that checkpoint.
+  SMoA layer has its factors and orders, shapes match, orders are permutations, factors are finite, the saved
+  partition (K, r, shape) is the config's — before a single tensor is copied, and on failure removes the adapter it
+  had attached for that checkpoint and gives every parameter back its ``requires_grad`` flag;
+- transformers' ``PreTrainedModel.load_adapter`` (its own loader) is made all-or-nothing the same way for SMoA
+  adapters: :func:`_all_or_nothing_load_adapter` wraps it, checks the loaded layers, and rolls back on any failure;
+- mixed-adapter batches (``model(..., adapter_names=[...])``) route each sub-batch through its adapter, as LoRA.
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
+from functools import partial
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -18,6 +26,7 @@ from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPP
 from peft.utils.other import get_pattern_key
 from torch import nn
 
+from smoa.layer import missing_orders_allowed
 from smoa.partition import validate_order
 
 from .bnb import dispatch_bnb
@@ -57,6 +66,9 @@ class SMoAModel(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         # a model loaded in 4/8-bit (is_loaded_in_4bit/8bit) is fine: each layer is dispatched on its own type
         existing = {id(module) for module in model.modules() if isinstance(module, SMoALayer)}
+        # the flags to give back if the checkpoint loaded for this adapter is rejected (see _discard_failed_adapter)
+        self.__dict__.setdefault("_smoa_flags_before", {})[adapter_name] = _requires_grad_flags(model)
+        self.__dict__.setdefault("_smoa_unloaded", set()).add(adapter_name)  # no checkpoint loaded into it yet
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         except Exception:
@@ -100,16 +112,62 @@ class SMoAModel(BaseTuner):
             if self.prefix in name and not any(p.device == meta for p in module.parameters()):
                 module.to(child.weight.device)
 
+    # ---- mixed-adapter batches (LoRA's protocol: adapter_names is injected into every SMoA layer's forward) -------
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        if isinstance(adapter_names, str) or not all(isinstance(name, str) for name in adapter_names):
+            raise TypeError(f"adapter_names={adapter_names!r} must be a list of str (one adapter name per sample)")
+        known = set()
+        for module in self.modules():
+            if isinstance(module, SMoALayer):
+                known |= set(module.smoa_A.keys())
+        unknown = {name for name in adapter_names if name != "__base__"} - known
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        handles = []
+        for module in self.modules():
+            if isinstance(module, (SMoALayer, AuxiliaryTrainingWrapper)):
+                hook = partial(_adapter_names_pre_forward_hook, adapter_names=list(adapter_names))
+                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
     # ---- loading: validate the whole checkpoint before anything is copied ---------------------------------------
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         try:
             _check_checkpoint(model, adapter_name, state_dict)
-        except ValueError:
+        except (ValueError, RuntimeError):
             _discard_failed_adapter(model, adapter_name)
             raise
+        getattr(model, "base_model", model).__dict__.get("_smoa_unloaded", set()).discard(adapter_name)
         return state_dict
+
+
+def _adapter_names_pre_forward_hook(module, args, kwargs, adapter_names):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
+def _requires_grad_flags(model: nn.Module) -> dict[nn.Parameter, bool]:
+    return {param: param.requires_grad for param in model.parameters()}
+
+
+def _restore_flags(flags: dict | None) -> None:
+    for param, flag in (flags or {}).items():
+        param.requires_grad_(flag)
 
 
 def _remove_adapter_layers(model: nn.Module, adapter_name: str, keep: set[int]) -> None:
@@ -130,12 +188,19 @@ def _discard_failed_adapter(model: nn.Module, adapter_name: str) -> None:
 
     if not isinstance(model, PeftModel) or adapter_name not in model.peft_config:
         return
+    # only an adapter attached for this checkpoint (from_pretrained/load_adapter: its config was read from the file,
+    # nothing loaded into it yet) is removed; set_peft_model_state_dict on a user's own adapter leaves it in place
+    fresh = adapter_name in model.base_model.__dict__.get("_smoa_unloaded", set())
+    if not (fresh and getattr(model.peft_config[adapter_name], "_orders_from_checkpoint", False)):
+        return
+    flags = getattr(model.base_model, "_smoa_flags_before", {}).pop(adapter_name, None)
     if len(model.peft_config) > 1:
         model.delete_adapter(adapter_name)
     else:  # PeftModel.from_pretrained on a bare base model: give the base model back its own layers
         base = model.base_model.unload()
         if "peft_config" in vars(base):
             del base.peft_config
+    _restore_flags(flags)
 
 
 def _check_checkpoint(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
@@ -148,11 +213,13 @@ def _check_checkpoint(model: nn.Module, adapter_name: str, state_dict: dict[str,
         if not isinstance(module, SMoALayer) or adapter_name not in module.smoa_A:
             continue
         name = name.removeprefix("_orig_mod.")
+        expected.add(f"{name}.smoa_partition_info.{adapter_name}")  # optional: adapters saved before it existed
         for attr, size in (("smoa_row_order", module.out_features), ("smoa_col_order", module.in_features)):
             key = f"{name}.{attr}.{adapter_name}"
             expected.add(key)
             if key not in state_dict:
-                problems.append(f"{key}: missing (an SMoA checkpoint must carry its orders)")
+                if not missing_orders_allowed():
+                    problems.append(f"{key}: missing (an SMoA checkpoint must carry its orders)")
                 continue
             try:
                 validate_order(key, state_dict[key], size)
@@ -168,10 +235,18 @@ def _check_checkpoint(model: nn.Module, adapter_name: str, state_dict: dict[str,
                     f"{key}: shape {tuple(state_dict[key].shape)} in the checkpoint, {tuple(model_state[key].shape)} "
                     f"in this model"
                 )
+        if not problems:  # finiteness, integer orders of any dtype, the saved partition against this config
+            try:
+                module._check_adapter_state(state_dict, f"{name}.", adapter_name)
+            except (ValueError, RuntimeError) as error:
+                problems.append(str(error))
     stray = sorted(
         key
         for key in state_dict
-        if any(f".{attr}." in key for attr in ("smoa_A", "smoa_B", "smoa_row_order", "smoa_col_order"))
+        if any(
+            f".{attr}." in key
+            for attr in ("smoa_A", "smoa_B", "smoa_row_order", "smoa_col_order", "smoa_partition_info")
+        )
         and key not in expected
     )
     if stray:
@@ -183,3 +258,84 @@ def _check_checkpoint(model: nn.Module, adapter_name: str, state_dict: dict[str,
             + "\n  - ".join(problems[:10])
             + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
         )
+
+
+# ---- transformers' PreTrainedModel.load_adapter: all-or-nothing for SMoA adapters -----------------------------------
+def _check_loaded_adapter(model: nn.Module, adapter_name: str, loading_info) -> None:
+    """After transformers' loader: every SMoA layer of ``adapter_name`` got its factors and valid orders."""
+    problems = []
+    for key in sorted(getattr(loading_info, "missing_keys", None) or ()):
+        if "smoa_" in key and adapter_name in key:
+            problems.append(f"{key}: missing from the checkpoint")
+    for entry in sorted(getattr(loading_info, "mismatched_keys", None) or (), key=str):
+        if "smoa_" in str(entry):
+            problems.append(f"{entry}: shape in the checkpoint differs from this model")
+    for name, module in model.named_modules():
+        if not isinstance(module, SMoALayer) or adapter_name not in module.smoa_A:
+            continue
+        rows, cols = module.smoa_row_order[adapter_name], module.smoa_col_order[adapter_name]
+        if adapter_name in module._smoa_orders_pending and not (bool(rows[0] >= 0) and bool(cols[0] >= 0)):
+            problems.append(f"{name}.smoa_row_order.{adapter_name}: missing (an SMoA checkpoint must carry its orders)")
+            continue
+        state = {f"{name}.smoa_{attr}.{adapter_name}": getattr(module, f"smoa_{attr}")[adapter_name]
+                 for attr in ("row_order", "col_order", "partition_info")}  # fmt: skip
+        state[f"{name}.smoa_A.{adapter_name}.weight"] = module.smoa_A[adapter_name].weight
+        state[f"{name}.smoa_B.{adapter_name}.weight"] = module.smoa_B[adapter_name].weight
+        try:
+            module._check_adapter_state(state, f"{name}.", adapter_name)
+        except (ValueError, RuntimeError) as error:
+            problems.append(str(error))
+    if problems:
+        raise ValueError(
+            f"the SMoA adapter {adapter_name!r} does not fit this model; nothing was loaded:\n  - "
+            + "\n  - ".join(problems[:10])
+        )
+
+
+def _all_or_nothing_load_adapter(load_adapter):
+    @functools.wraps(load_adapter)
+    def wrapper(self, peft_model_id=None, adapter_name=None, *args, **kwargs):
+        name = adapter_name if adapter_name is not None else "default"
+        existing = {id(module) for module in self.modules() if isinstance(module, SMoALayer)}
+        had_config = bool(getattr(self, "_hf_peft_config_loaded", False))
+        configs = dict(getattr(self, "peft_config", None) or {})
+        flags = _requires_grad_flags(self)
+        modes = {module: module.training for module in self.modules()}
+        try:
+            info = load_adapter(self, peft_model_id, adapter_name, *args, **kwargs)
+            if isinstance(getattr(self, "peft_config", {}).get(name), SMoAConfig):
+                _check_loaded_adapter(self, name, info)
+            return info
+        except Exception as error:
+            new_config = (getattr(self, "peft_config", None) or {}).get(name)
+            if name not in configs and isinstance(new_config, SMoAConfig):
+                _remove_adapter_layers(self, name, keep=existing)
+                if new_config is not None:
+                    del self.peft_config[name]
+                if not configs and "peft_config" in vars(self):
+                    del self.peft_config
+                self._hf_peft_config_loaded = had_config
+                _restore_flags(flags)
+                for module, mode in modes.items():
+                    module.training = mode
+                if not isinstance(error, ValueError) or "nothing was loaded" not in str(error):
+                    raise ValueError(
+                        f"loading the SMoA adapter {peft_model_id!r} as {name!r} failed, nothing was loaded (the model "
+                        f"is as it was): {error}"
+                    ) from error
+            raise
+
+    wrapper._smoa_all_or_nothing = True
+    return wrapper
+
+
+def _patch_transformers_load_adapter() -> None:
+    try:
+        from transformers.integrations.peft import PeftAdapterMixin
+    except ImportError:  # pragma: no cover - transformers without the PEFT integration
+        return
+    if not getattr(PeftAdapterMixin.load_adapter, "_smoa_all_or_nothing", False):
+        PeftAdapterMixin.load_adapter = _all_or_nothing_load_adapter(PeftAdapterMixin.load_adapter)
+
+
+_patch_transformers_load_adapter()
