@@ -276,7 +276,7 @@ def test_nothing_weight_sized_is_kept_for_backward_or_in_the_layer():
     layer = model.base_model.model[0]
     own = {k: v for k, v in layer.state_dict().items() if not k.startswith("base_layer.")}
     assert sorted(own) == ["smoa_A.default.weight", "smoa_B.default.weight", "smoa_col_order.default",
-                           "smoa_row_order.default"]  # fmt: skip
+                           "smoa_partition_info.default", "smoa_row_order.default"]  # fmt: skip
 
 
 # ---- backends --------------------------------------------------------------------------------------------------------
