@@ -94,23 +94,17 @@ list, kernel construction, the single launch point), :mod:`~smoa_kernels.triton.
 """
 
 from smoa_kernels.triton.configs import FP32_DOT_PRECISION, KERNEL_CONFIGS, config_dtypes, config_meta, default_config
-from smoa_kernels.triton.function import (
-    COORDINATES,
-    SMoATritonFunction,
-    choose_coordinates,
-    is_available,
-    smoa_linear_triton,
-)
+from smoa_kernels.triton.function import PATHS, SMoATritonFunction, is_available, resolve_path, smoa_linear_triton
 
 __all__ = [
-    "COORDINATES",
     "FP32_DOT_PRECISION",
     "KERNEL_CONFIGS",
+    "PATHS",
     "SMoATritonFunction",
-    "choose_coordinates",
     "config_dtypes",
     "config_meta",
     "default_config",
     "is_available",
+    "resolve_path",
     "smoa_linear_triton",
 ]
