@@ -142,9 +142,7 @@ def _smoa_delta_blocks_kernel(
     tile_mask = mask_i[:, None] & mask_j[None, :]
     anchor = tl.load(W + rows[:, None] * stride_wo + cols[None, :] * stride_wi, mask=tile_mask, other=0.0)
     delta = product * anchor.to(tl.float32) * scale
-    tl.store(
-        DW + band_i[:, None] * stride_dwo + local_j[None, :], delta.to(DW.dtype.element_ty), mask=tile_mask
-    )
+    tl.store(DW + band_i[:, None] * stride_dwo + local_j[None, :], delta.to(DW.dtype.element_ty), mask=tile_mask)
 
 
 def _smoa_scatter_kernel(
@@ -222,7 +220,7 @@ def _smoa_factor_epilogue_kernel(
     b = tl.load(
         B_BAND + local_o64[:, None] * stride_bo + offs_t[None, :], mask=mask_o[:, None] & mask_t[None, :], other=0.0
     )
-    grad_b = tl.zeros((BLOCK_O, RANK_PAD), tl.float32)
+    grad_b = tl.full((BLOCK_O, RANK_PAD), 0.0, tl.float32)
     for c_start in range(0, n_band_cols, BLOCK_C):
         local_c = c_start + tl.arange(0, BLOCK_C)
         mask_c = local_c < n_band_cols
@@ -242,7 +240,9 @@ def _smoa_factor_epilogue_kernel(
             grad_a,
             mask=mask_t[:, None] & mask_c[None, :],
         )
-    tl.store(DB_BAND + local_o64[:, None] * stride_dbo + offs_t[None, :], grad_b, mask=mask_o[:, None] & mask_t[None, :])
+    tl.store(
+        DB_BAND + local_o64[:, None] * stride_dbo + offs_t[None, :], grad_b, mask=mask_o[:, None] & mask_t[None, :]
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -260,6 +260,7 @@ class Orders:
     inv_row: torch.Tensor
     inv_col: torch.Tensor
     flag: torch.Tensor
+    ok: torch.Tensor  # 0-d bool: both orders are permutations
 
 
 def _clamped_inverse(order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -276,8 +277,9 @@ def prepare_orders(row_order: torch.Tensor, col_order: torch.Tensor) -> Orders:
     """Clamp, invert and check the orders on the device (see the module docstring's "Order guard")."""
     row, inv_row, row_ok = _clamped_inverse(row_order)
     col, inv_col, col_ok = _clamped_inverse(col_order)
-    flag = torch.where(torch.logical_and(row_ok, col_ok), 1.0, float("nan")).to(torch.float32)
-    return Orders(row, col, inv_row, inv_col, flag)
+    ok = torch.logical_and(row_ok, col_ok)
+    flag = torch.where(ok, 1.0, float("nan")).to(torch.float32)
+    return Orders(row, col, inv_row, inv_col, flag, ok)
 
 
 @functools.cache
@@ -452,7 +454,7 @@ def blocked_input_grads(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(dx, dx_a)``: ``dx = dY W0 (+ s·dY ΔW when x_a is x)``, ``dx_a = s·dY ΔW`` (dropout), diagonal blocks only."""
     n_rows = grad_out.shape[0]
-    d_out, d_in = weight.shape
+    d_in = weight.shape[1]
     need_adapter = need_xa or (adapter_is_x and need_x)
     if not need_adapter:
         return (grad_out @ weight if need_x else None), None

@@ -48,10 +48,14 @@ def resolve_path(
                                   gpu=_gpu_class(device))  # fmt: skip
 
 
-def _poisoned(lora_A, lora_B, orders):
-    """The factors times the order flag (1.0, or NaN for a non-permutation order): r_k·D elements, no host sync."""
+def _fused_operands(lora_A, lora_B, orders, num_blocks):
+    """The fused kernel's operands under the order guard: the factors times the order flag (1.0, or NaN for a
+    non-permutation order; r_k·D elements) and the block ids, all set to block 0 for a non-permutation order so that
+    the kernel's block mask cannot hide the NaN. No host sync."""
     flag = orders.flag.to(lora_A.dtype)
-    return lora_A * flag, lora_B * flag
+    blk_row = torch.where(orders.ok, block_ids(orders.row, num_blocks), 0)
+    blk_col = torch.where(orders.ok, block_ids(orders.col, num_blocks), 0)
+    return lora_A * flag, lora_B * flag, blk_row, blk_col
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -83,8 +87,7 @@ def _forward_op(
             y, xa_bands = blocked.blocked_forward(x, x_adapter, weight, bias, lora_A, lora_B, orders, num_blocks,
                                                   scale)  # fmt: skip
             return y, xa_bands if save else x.new_empty(0)
-        lora_A, lora_B = _poisoned(lora_A, lora_B, orders)
-        blk_row, blk_col = block_ids(orders.row, num_blocks), block_ids(orders.col, num_blocks)
+        lora_A, lora_B, blk_row, blk_col = _fused_operands(lora_A, lora_B, orders, num_blocks)
         y = _gemm(x, x_adapter, weight, bias, lora_B, lora_A, blk_row, blk_col, scale,
                   transpose=False, has_base=True, merged=merged)  # fmt: skip
         if not save:
@@ -132,8 +135,7 @@ def _backward_op(
                 adapter_is_x=adapter_is_x, need_x=need_x, need_xa=need_xa,
             )  # fmt: skip
         elif need_x or need_xa:
-            fac_A, fac_B = _poisoned(lora_A, lora_B, orders)
-            blk_row, blk_col = block_ids(orders.row, num_blocks), block_ids(orders.col, num_blocks)
+            fac_A, fac_B, blk_row, blk_col = _fused_operands(lora_A, lora_B, orders, num_blocks)
             if adapter_is_x:
                 if need_x:  # dx = dY W0 + s·dY ΔW in one pass over W0
                     grad_x = _gemm(grad_out, None, weight, None, fac_A, fac_B, blk_col, blk_row, scale,
