@@ -48,6 +48,7 @@ from smoa_kernels.triton import configs
 from smoa_kernels.triton.configs import tl, triton
 
 ALIGN = 16  # band starts and leading dimensions in elements (Triton specialises integers divisible by 16)
+RANK_CHUNK_MAX = 32  # the rank-64 fp32 tiles spilled on sm_80 and sm_90 in the compile check
 EPILOGUE_BLOCK_O = 32  # rows per program of the factor epilogue; fixed here because it sizes the dA partial buffer
 
 
@@ -86,6 +87,7 @@ def _smoa_delta_blocks_kernel(
     stride_dwo,
     ALIGN_C: tl.constexpr,
     RANK_PAD: tl.constexpr,
+    RANK_CHUNK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
@@ -119,21 +121,28 @@ def _smoa_delta_blocks_kernel(
     local_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
     mask_i = local_i < row_size
     mask_j = local_j < col_size
+    # Loads and stores of the band layout are masked at the padded band width (a multiple of ALIGN_C, so the masks are
+    # uniform over a vector: 128-bit accesses); the padding is allocated and never read as data.
+    mask_j_pad = local_j < (col_size + ALIGN_C - 1) // ALIGN_C * ALIGN_C
     band_i = (row_start + local_i).to(tl.int64)
-    offs_t = tl.arange(0, RANK_PAD)
-    mask_t = offs_t < rank
+    a_cols = (col_pad_start + local_j).to(tl.int64)
 
-    b = tl.load(
-        B_BANDS + band_i[:, None] * stride_bo + offs_t[None, :] * stride_bt,
-        mask=mask_i[:, None] & mask_t[None, :],
-        other=0.0,
-    )
-    a = tl.load(
-        A_BANDS + offs_t[:, None] * stride_at + (col_pad_start + local_j)[None, :].to(tl.int64) * stride_ac,
-        mask=mask_t[:, None] & mask_j[None, :],
-        other=0.0,
-    )
-    product = tl.dot(b, a, input_precision=DOT_PRECISION)
+    # The rank-r_k product, RANK_CHUNK ranks at a time (rank padded to RANK_PAD >= 16 with masked loads).
+    product = tl.full((BLOCK_I, BLOCK_J), 0.0, tl.float32)
+    for t_start in range(0, RANK_PAD, RANK_CHUNK):
+        offs_t = t_start + tl.arange(0, RANK_CHUNK)
+        mask_t = offs_t < rank
+        b = tl.load(
+            B_BANDS + band_i[:, None] * stride_bo + offs_t[None, :] * stride_bt,
+            mask=mask_i[:, None] & mask_t[None, :],
+            other=0.0,
+        )
+        a = tl.load(
+            A_BANDS + offs_t[:, None] * stride_at + a_cols[None, :] * stride_ac,
+            mask=mask_t[:, None] & mask_j_pad[None, :],
+            other=0.0,
+        )
+        product = tl.dot(b, a, product, input_precision=DOT_PRECISION)
     # The anchor gather (the only gather of W0): indices clamped so no order content can address outside W0.
     rows = tl.load(ROW_ORDER + band_i, mask=mask_i, other=0)
     cols = tl.load(COL_ORDER + (col_start + local_j).to(tl.int64), mask=mask_j, other=0)
@@ -141,8 +150,9 @@ def _smoa_delta_blocks_kernel(
     cols = tl.minimum(tl.maximum(cols, 0), d_in - 1)
     tile_mask = mask_i[:, None] & mask_j[None, :]
     anchor = tl.load(W + rows[:, None] * stride_wo + cols[None, :] * stride_wi, mask=tile_mask, other=0.0)
-    delta = product * anchor.to(tl.float32) * scale
-    tl.store(DW + band_i[:, None] * stride_dwo + local_j[None, :], delta.to(DW.dtype.element_ty), mask=tile_mask)
+    delta = product * anchor.to(tl.float32) * scale  # 0 outside the band (anchor masked to 0)
+    store_mask = mask_i[:, None] & (local_j < stride_dwo)[None, :]  # DW's row stride: a multiple of 16
+    tl.store(DW + band_i[:, None] * stride_dwo + local_j[None, :], delta.to(DW.dtype.element_ty), mask=store_mask)
 
 
 def _smoa_scatter_kernel(
@@ -171,7 +181,9 @@ def _smoa_scatter_kernel(
     inv = tl.load(INV_ORDER + offs_c, mask=mask_c, other=0)
     inv = tl.minimum(tl.maximum(inv, 0), d - 1)
     tile_mask = mask_n[:, None] & mask_c[None, :]
-    value = tl.load(ZT + inv[None, :] * stride_zt + offs_n[:, None], mask=tile_mask, other=0.0).to(tl.float32)
+    # ZT's rows are padded to stride_zt (a multiple of 16) tokens: masking the load there keeps it vectorised
+    load_mask = (offs_n < stride_zt)[:, None] & mask_c[None, :]
+    value = tl.load(ZT + inv[None, :] * stride_zt + offs_n[:, None], mask=load_mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         value += tl.load(BIAS + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
     tl.store(OUT + offs_n[:, None] * stride_on + offs_c[None, :], value.to(OUT.dtype.element_ty), mask=tile_mask)
@@ -200,7 +212,7 @@ def _smoa_factor_epilogue_kernel(
     stride_dbo,
     stride_dap_tile,
     stride_dap_t,
-    RANK_PAD: tl.constexpr,
+    RANK_CHUNK: tl.constexpr,
     BLOCK_O: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -212,15 +224,16 @@ def _smoa_factor_epilogue_kernel(
     pid = tl.program_id(0)
     local_o = pid * BLOCK_O + tl.arange(0, BLOCK_O)
     mask_o = local_o < n_band_rows
-    offs_t = tl.arange(0, RANK_PAD)
+    offs_t = tl.program_id(1) * RANK_CHUNK + tl.arange(0, RANK_CHUNK)  # this program's ranks
     mask_t = offs_t < rank
+    n_cols_pad = (n_band_cols + 15) // 16 * 16  # A_BAND is a view into the padded band layout
     local_o64 = local_o.to(tl.int64)
     rows = tl.load(ROWS + local_o64, mask=mask_o, other=0)
     rows = tl.minimum(tl.maximum(rows, 0), d_out - 1)
     b = tl.load(
         B_BAND + local_o64[:, None] * stride_bo + offs_t[None, :], mask=mask_o[:, None] & mask_t[None, :], other=0.0
     )
-    grad_b = tl.full((BLOCK_O, RANK_PAD), 0.0, tl.float32)
+    grad_b = tl.full((BLOCK_O, RANK_CHUNK), 0.0, tl.float32)
     for c_start in range(0, n_band_cols, BLOCK_C):
         local_c = c_start + tl.arange(0, BLOCK_C)
         mask_c = local_c < n_band_cols
@@ -231,7 +244,9 @@ def _smoa_factor_epilogue_kernel(
         anchor = tl.load(W + rows[:, None] * stride_wo + cols[None, :] * stride_wi, mask=tile_mask, other=0.0)
         h = g * anchor.to(tl.float32) * scale
         a = tl.load(
-            A_BAND + offs_t[:, None] * stride_at + local_c[None, :], mask=mask_t[:, None] & mask_c[None, :], other=0.0
+            A_BAND + offs_t[:, None] * stride_at + local_c[None, :],
+            mask=mask_t[:, None] & (local_c < n_cols_pad)[None, :],
+            other=0.0,
         )
         grad_b = tl.dot(h, tl.trans(a), grad_b, input_precision="ieee")
         grad_a = tl.dot(tl.trans(b), h, input_precision="ieee")
@@ -302,6 +317,11 @@ def gather_bands(t: torch.Tensor, order: torch.Tensor, num_blocks: int, dim: int
     return t.index_select(dim, index)
 
 
+def _rank_chunk(rank: int) -> int:
+    """Ranks per dot step: the padded rank up to RANK_CHUNK_MAX (larger fp32 tiles spill; see KERNEL_CONFIGS)."""
+    return min(configs._rank_pad(rank), RANK_CHUNK_MAX)
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee"  # fp32 operands: exact FMA products (a small pass, no tensor cores needed); 16-bit: unused
 
@@ -347,6 +367,7 @@ def delta_blocks(
         delta.stride(0),
         ALIGN_C=ALIGN,
         RANK_PAD=configs._rank_pad(rank),
+        RANK_CHUNK=_rank_chunk(rank),
         DOT_PRECISION=_dot_precision(a_bands.dtype),
     )
     return delta
@@ -515,7 +536,7 @@ def factor_grads(
         db_k = grad_b_bands[r0:r1]
         configs.launch(
             "factor_epilogue",
-            (tiles,),
+            (tiles, triton.cdiv(configs._rank_pad(rank), _rank_chunk(rank))),
             g,
             weight,
             a_k,
@@ -538,7 +559,7 @@ def factor_grads(
             db_k.stride(0),
             da_part.stride(0),
             da_part.stride(1),
-            RANK_PAD=configs._rank_pad(rank),
+            RANK_CHUNK=_rank_chunk(rank),
             BLOCK_O=EPILOGUE_BLOCK_O,
         )
         del g
