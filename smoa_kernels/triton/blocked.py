@@ -89,13 +89,16 @@ def _smoa_delta_blocks_kernel(
     RANK_PAD: tl.constexpr,
     RANK_CHUNK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    ANCHOR_ONLY: tl.constexpr,
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
     """``DW[r0_k + i, j] = s · (B_k A_k)[i, j] · W0[R_k[i], C_k[j]]`` for block k = program_id(1), in the activation
     dtype: the rank-r_k product (``tl.dot``, rank padded to RANK_PAD ≥ 16), the Hadamard with the gathered anchor and
     the block assembly in one pass. ``A_BANDS = Â[:, col_order]`` in the padded band layout (band k starts at a
-    multiple of ALIGN_C), ``B_BANDS = B̂[row_order]``; rows of DW follow the row order (band k at r0_k)."""
+    multiple of ALIGN_C), ``B_BANDS = B̂[row_order]``; rows of DW follow the row order (band k at r0_k).
+    ``ANCHOR_ONLY``: write the gathered anchor ``M_k`` itself (exact copies of W0's entries, for the factor
+    epilogue)."""
     pid = tl.program_id(0)
     k = tl.program_id(1)
     rows_base = d_out // num_blocks
@@ -129,7 +132,7 @@ def _smoa_delta_blocks_kernel(
 
     # The rank-r_k product, RANK_CHUNK ranks at a time (rank padded to RANK_PAD >= 16 with masked loads).
     product = tl.full((BLOCK_I, BLOCK_J), 0.0, tl.float32)
-    for t_start in range(0, RANK_PAD, RANK_CHUNK):
+    for t_start in range(0, 0 if ANCHOR_ONLY else RANK_PAD, RANK_CHUNK):
         offs_t = t_start + tl.arange(0, RANK_CHUNK)
         mask_t = offs_t < rank
         b = tl.load(
@@ -150,7 +153,10 @@ def _smoa_delta_blocks_kernel(
     cols = tl.minimum(tl.maximum(cols, 0), d_in - 1)
     tile_mask = mask_i[:, None] & mask_j[None, :]
     anchor = tl.load(W + rows[:, None] * stride_wo + cols[None, :] * stride_wi, mask=tile_mask, other=0.0)
-    delta = product * anchor.to(tl.float32) * scale  # 0 outside the band (anchor masked to 0)
+    if ANCHOR_ONLY:
+        delta = anchor.to(tl.float32)
+    else:
+        delta = product * anchor.to(tl.float32) * scale  # 0 outside the band (anchor masked to 0)
     store_mask = mask_i[:, None] & (local_j < stride_dwo)[None, :]  # DW's row stride: a multiple of 16
     tl.store(DW + band_i[:, None] * stride_dwo + local_j[None, :], delta.to(DW.dtype.element_ty), mask=store_mask)
 
@@ -191,22 +197,17 @@ def _smoa_scatter_kernel(
 
 def _smoa_factor_epilogue_kernel(
     G,
-    W,
+    M,
     A_BAND,
     B_BAND,
-    ROWS,
-    COLS,
     DB_BAND,
     DA_PART,
     n_band_rows,
     n_band_cols,
-    d_out,
-    d_in,
     rank,
     scale,
     stride_go,
-    stride_wo,
-    stride_wi,
+    stride_mo,
     stride_at,
     stride_bo,
     stride_dbo,
@@ -218,9 +219,10 @@ def _smoa_factor_epilogue_kernel(
 ):
     """One block's factor gradient from ``G_k = dy_bandᵀ x_band`` (fp32, |R_k|×|C_k|, unit column stride).
 
-    Each program owns BLOCK_O rows and walks the block's columns: ``H = s·G ⊙ W0[R_k, C_k]`` (anchor gathered,
-    indices clamped), ``dB_k[rows] = Σ_c H Aᵀ`` complete in registers (stored once), and ``B_kᵀ H`` for its rows into
-    its own slot of ``DA_PART`` (summed by the launcher): deterministic, no atomics, G read once. fp32 throughout."""
+    Each program owns BLOCK_O rows and RANK_CHUNK ranks and walks the block's columns: ``H = s·G ⊙ M_k`` (the
+    anchor ``M_k = W0[R_k, C_k]`` read contiguous from the buffer the generation kernel gathered it into),
+    ``dB_k[rows] = Σ_c H Aᵀ`` complete in registers (stored once), and ``B_kᵀ H`` for its rows into its own slot of
+    ``DA_PART`` (summed by the launcher): deterministic, no atomics. fp32 throughout."""
     pid = tl.program_id(0)
     local_o = pid * BLOCK_O + tl.arange(0, BLOCK_O)
     mask_o = local_o < n_band_rows
@@ -228,8 +230,6 @@ def _smoa_factor_epilogue_kernel(
     mask_t = offs_t < rank
     n_cols_pad = (n_band_cols + 15) // 16 * 16  # A_BAND is a view into the padded band layout
     local_o64 = local_o.to(tl.int64)
-    rows = tl.load(ROWS + local_o64, mask=mask_o, other=0)
-    rows = tl.minimum(tl.maximum(rows, 0), d_out - 1)
     b = tl.load(
         B_BAND + local_o64[:, None] * stride_bo + offs_t[None, :], mask=mask_o[:, None] & mask_t[None, :], other=0.0
     )
@@ -239,13 +239,13 @@ def _smoa_factor_epilogue_kernel(
         mask_c = local_c < n_band_cols
         tile_mask = mask_o[:, None] & mask_c[None, :]
         g = tl.load(G + local_o64[:, None] * stride_go + local_c[None, :], mask=tile_mask, other=0.0)
-        cols = tl.load(COLS + local_c, mask=mask_c, other=0)
-        cols = tl.minimum(tl.maximum(cols, 0), d_in - 1)
-        anchor = tl.load(W + rows[:, None] * stride_wo + cols[None, :] * stride_wi, mask=tile_mask, other=0.0)
+        pad_mask = local_c < n_cols_pad
+        m_mask = mask_o[:, None] & pad_mask[None, :]
+        anchor = tl.load(M + local_o64[:, None] * stride_mo + local_c[None, :], mask=m_mask, other=0.0)
         h = g * anchor.to(tl.float32) * scale
         a = tl.load(
             A_BAND + offs_t[:, None] * stride_at + local_c[None, :],
-            mask=mask_t[:, None] & (local_c < n_cols_pad)[None, :],
+            mask=mask_t[:, None] & pad_mask[None, :],
             other=0.0,
         )
         grad_b = tl.dot(h, tl.trans(a), grad_b, input_precision="ieee")
@@ -328,16 +328,20 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def delta_blocks(
     weight: torch.Tensor,
-    a_bands: torch.Tensor,
-    b_bands: torch.Tensor,
+    a_bands: torch.Tensor | None,
+    b_bands: torch.Tensor | None,
     orders: Orders,
     num_blocks: int,
     scale: float,
 ) -> torch.Tensor:
     """``s·ΔW_k`` for all K blocks in one launch: a (d_out × ldw) buffer in the activation dtype whose rows follow the
-    row order and whose block k is ``[r0_k:r1_k, :|C_k|]`` (the transient: ≈ D²/K elements)."""
+    row order and whose block k is ``[r0_k:r1_k, :|C_k|]`` (the transient: ≈ D²/K elements). ``a_bands=None``: the
+    anchors ``M_k`` themselves, in the same layout."""
     d_out, d_in = weight.shape
-    rank = a_bands.shape[0]
+    anchor_only = a_bands is None
+    if anchor_only:  # the factor pointers are not read
+        a_bands, b_bands, scale = weight, weight, 1.0
+    rank = 0 if anchor_only else a_bands.shape[0]
     max_rows, max_cols = -(-d_out // num_blocks), -(-d_in // num_blocks)
     delta = torch.empty((d_out, _round_up(max_cols)), dtype=weight.dtype, device=weight.device)
 
@@ -369,6 +373,7 @@ def delta_blocks(
         RANK_PAD=configs._rank_pad(rank),
         RANK_CHUNK=_rank_chunk(rank),
         DOT_PRECISION=_dot_precision(a_bands.dtype),
+        ANCHOR_ONLY=anchor_only,
     )
     return delta
 
@@ -524,6 +529,9 @@ def factor_grads(
     grad_b_bands = torch.empty_like(b_bands)
     row_starts = padded_band_starts(d_out, num_blocks, ALIGN)
     col_starts = padded_band_starts(d_in, num_blocks, ALIGN)
+    # The anchors M_k gathered once, contiguous (the same transient slot as ΔW_k, which is freed by now), so that the
+    # epilogue's main loop reads them with vector loads instead of gathering W0 element by element.
+    anchors = delta_blocks(weight, None, None, orders, num_blocks, 1.0)
     for k, ((r0, r1), (c0, c1)) in enumerate(zip(block_bounds(d_out, num_blocks), block_bounds(d_in, num_blocks))):
         rows_k, cols_k = r1 - r0, c1 - c0
         dy_k = dy_bands[:, row_starts[k] : row_starts[k] + rows_k]
@@ -538,22 +546,17 @@ def factor_grads(
             "factor_epilogue",
             (tiles, triton.cdiv(configs._rank_pad(rank), _rank_chunk(rank))),
             g,
-            weight,
+            anchors[r0:r1],
             a_k,
             b_k,
-            orders.row[r0:r1],
-            orders.col[c0:c1],
             db_k,
             da_part,
             rows_k,
             cols_k,
-            d_out,
-            d_in,
             rank,
             float(scale),
             g.stride(0),
-            weight.stride(0),
-            weight.stride(1),
+            anchors.stride(0),
             a_k.stride(0),
             b_k.stride(0),
             db_k.stride(0),
