@@ -260,6 +260,55 @@ def _smoa_factor_epilogue_kernel(
     )
 
 
+def _smoa_orders_kernel(
+    FLAG,
+    ROW_ORDER,
+    COL_ORDER,
+    ROW_OUT,
+    COL_OUT,
+    INV_ROW,
+    INV_COL,
+    d_out,
+    d_in,
+    BLOCK: tl.constexpr,
+):
+    """The order guard in one single-program launch: both orders clamped into range (``ROW_OUT``, ``COL_OUT``), their
+    inverses (``INV[order[p]] = p``) and ``FLAG`` = 1.0 if both are permutations, NaN otherwise. A permutation is an
+    order that needed no clamping and whose inverse maps every position back to itself. (One program, so CTA barriers
+    order its global writes; every thread that finds a defect stores the same NaN, so the races are benign.)"""
+    tl.store(FLAG, 1.0)
+    tl.debug_barrier()
+    for start in range(0, d_out, BLOCK):
+        p = start + tl.arange(0, BLOCK)
+        m = p < d_out
+        o = tl.load(ROW_ORDER + p, mask=m, other=0)
+        c = tl.minimum(tl.maximum(o, 0), d_out - 1)
+        tl.store(ROW_OUT + p, c, mask=m)
+        tl.store(INV_ROW + c, p.to(tl.int64), mask=m)
+        tl.store(FLAG + p * 0, float("nan"), mask=m & (o != c))
+    for start in range(0, d_in, BLOCK):
+        p = start + tl.arange(0, BLOCK)
+        m = p < d_in
+        o = tl.load(COL_ORDER + p, mask=m, other=0)
+        c = tl.minimum(tl.maximum(o, 0), d_in - 1)
+        tl.store(COL_OUT + p, c, mask=m)
+        tl.store(INV_COL + c, p.to(tl.int64), mask=m)
+        tl.store(FLAG + p * 0, float("nan"), mask=m & (o != c))
+    tl.debug_barrier()  # the inverses are complete
+    for start in range(0, d_out, BLOCK):
+        p = start + tl.arange(0, BLOCK)
+        m = p < d_out
+        c = tl.load(ROW_OUT + p, mask=m, other=0)
+        back = tl.load(INV_ROW + c, mask=m, other=0)
+        tl.store(FLAG + p * 0, float("nan"), mask=m & (back != p))
+    for start in range(0, d_in, BLOCK):
+        p = start + tl.arange(0, BLOCK)
+        m = p < d_in
+        c = tl.load(COL_OUT + p, mask=m, other=0)
+        back = tl.load(INV_COL + c, mask=m, other=0)
+        tl.store(FLAG + p * 0, float("nan"), mask=m & (back != p))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Orders, band layout and the launchers
 # ----------------------------------------------------------------------------------------------------------------------
@@ -267,34 +316,23 @@ def _smoa_factor_epilogue_kernel(
 
 @dataclasses.dataclass
 class Orders:
-    """Both orders clamped into range, their inverses, and the poison flag (1.0, or NaN unless both are
-    permutations); all on the device, computed without a host sync."""
+    """Both orders clamped into range, their inverses, and the poison flag (a 0-d fp32 tensor: 1.0, or NaN unless
+    both orders are permutations); all on the device, computed by one launch without a host sync."""
 
     row: torch.Tensor
     col: torch.Tensor
     inv_row: torch.Tensor
     inv_col: torch.Tensor
     flag: torch.Tensor
-    ok: torch.Tensor  # 0-d bool: both orders are permutations
-
-
-def _clamped_inverse(order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    n = order.numel()
-    clamped = order.clamp(0, n - 1)
-    position = torch.arange(n, device=order.device)
-    inverse = torch.zeros_like(clamped).scatter_(0, clamped, position)
-    # a permutation iff nothing was clamped and the inverse maps every element back to its own position
-    ok = torch.logical_and((clamped == order).all(), (inverse.index_select(0, clamped) == position).all())
-    return clamped, inverse, ok
 
 
 def prepare_orders(row_order: torch.Tensor, col_order: torch.Tensor) -> Orders:
     """Clamp, invert and check the orders on the device (see the module docstring's "Order guard")."""
-    row, inv_row, row_ok = _clamped_inverse(row_order)
-    col, inv_col, col_ok = _clamped_inverse(col_order)
-    ok = torch.logical_and(row_ok, col_ok)
-    flag = torch.where(ok, 1.0, float("nan")).to(torch.float32)
-    return Orders(row, col, inv_row, inv_col, flag, ok)
+    flag = torch.empty((), dtype=torch.float32, device=row_order.device)
+    row, col = torch.empty_like(row_order), torch.empty_like(col_order)
+    inv_row, inv_col = torch.empty_like(row_order), torch.empty_like(col_order)
+    configs.launch("orders", (1,), flag, row_order, col_order, row, col, inv_row, inv_col, row.numel(), col.numel())
+    return Orders(row, col, inv_row, inv_col, flag)
 
 
 @functools.cache

@@ -66,6 +66,10 @@ KERNEL_CONFIGS: dict[str, list[dict]] = {
     "factor_epilogue": [
         {"BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
     ],
+    # The order guard: one program clamps, inverts and checks both orders (O(d), once per call).
+    "orders": [
+        {"BLOCK": 1024, "num_warps": 4, "num_stages": 1},
+    ],
 }
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "dtypes", "max_rank")
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -76,19 +80,21 @@ KERNEL_SOURCES = {
     "delta_blocks": ("smoa_kernels.triton.blocked", "_smoa_delta_blocks_kernel"),
     "scatter": ("smoa_kernels.triton.blocked", "_smoa_scatter_kernel"),
     "factor_epilogue": ("smoa_kernels.triton.blocked", "_smoa_factor_epilogue_kernel"),
+    "orders": ("smoa_kernels.triton.blocked", "_smoa_orders_kernel"),
 }
 _AUTOTUNE_KEYS = {
     "gemm": ["d_out", "d_red", "n_bucket", "rank"],
     "delta_blocks": ["d_out", "d_in", "rank", "num_blocks"],
     "scatter": ["n_bucket", "d"],
     "factor_epilogue": ["n_band_rows", "n_band_cols", "rank"],
+    "orders": ["d_out", "d_in"],
 }
 # Every kernel overwrites its outputs (no accumulation into existing values, partial-buffer layouts fixed by the
 # launcher), so autotuning trials need no reset or restore.
-_RESET_TO_ZERO = {"gemm": None, "delta_blocks": None, "scatter": None, "factor_epilogue": None}
-_RESTORE_VALUE = {"gemm": None, "delta_blocks": None, "scatter": None, "factor_epilogue": None}
+_RESET_TO_ZERO = {name: None for name in KERNEL_CONFIGS}
+_RESTORE_VALUE = {name: None for name in KERNEL_CONFIGS}
 # The argument whose dtype selects the configs (args[0] of every launch).
-_ACTIVATION_ARG = {"gemm": "X", "delta_blocks": "W", "scatter": "ZT", "factor_epilogue": "G"}
+_ACTIVATION_ARG = {"gemm": "X", "delta_blocks": "W", "scatter": "ZT", "factor_epilogue": "G", "orders": "FLAG"}
 
 
 def config_dtypes(entry: dict) -> tuple[str, ...]:

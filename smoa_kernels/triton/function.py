@@ -53,8 +53,9 @@ def _fused_operands(lora_A, lora_B, orders, num_blocks):
     non-permutation order; r_k·D elements) and the block ids, all set to block 0 for a non-permutation order so that
     the kernel's block mask cannot hide the NaN. No host sync."""
     flag = orders.flag.to(lora_A.dtype)
-    blk_row = torch.where(orders.ok, block_ids(orders.row, num_blocks), 0)
-    blk_col = torch.where(orders.ok, block_ids(orders.col, num_blocks), 0)
+    ok = orders.flag == 1.0
+    blk_row = torch.where(ok, block_ids(orders.row, num_blocks), 0)
+    blk_col = torch.where(ok, block_ids(orders.col, num_blocks), 0)
     return lora_A * flag, lora_B * flag, blk_row, blk_col
 
 
