@@ -6,8 +6,9 @@ Two paths compute the same function (see the package docstring): ``"fused"`` (th
 GEMMs on the K contiguous diagonal blocks). The factor gradient is the blocked one on both paths. ``"auto"`` asks
 :func:`smoa_kernels.cost_model.choose_path` per call, inside the custom op: the decision depends on N, and deciding
 inside the op keeps it out of torch.compile's graph (no guard on N, no recompilation when N changes). Both paths save
-the same tensor for backward (``x_a`` gathered into the padded band layout), so the decision needs no agreement
-between forward and backward.
+the same tensor for backward — ``x`` itself when there is no dropout (nothing new is kept: the band gather is redone in
+backward, one N·D pass), else ``x_a`` gathered into the padded band layout (the size of x_a, which LoRA keeps too) —
+so the decision needs no agreement between forward and backward.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def _forward_op(
     merged: bool,
     save: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y, x_band)``; ``x_band`` is x_a gathered into the padded band layout when ``save`` (else empty)."""
+    """``(y, x_band)``; ``x_band`` is x_a gathered into the padded band layout when ``save`` (else empty; the
+    Function asks for it only when dropout makes x_a a tensor of its own)."""
     with torch.autocast(x.device.type, enabled=False):  # dtypes were fixed by smoa_linear_triton
         orders = blocked.prepare_orders(row_order, col_order)
         chosen = "fused" if merged else resolve_path(path, x.shape[0], *weight.shape, num_blocks, x.dtype, x.device)
@@ -105,7 +107,7 @@ def _(x, x_adapter, weight, bias, lora_A, lora_B, row_order, col_order, num_bloc
 @torch.library.custom_op("smoa_kernels::triton_backward", mutates_args=())
 def _backward_op(
     grad_out: torch.Tensor,
-    xa_bands: torch.Tensor,
+    x_saved: torch.Tensor,
     adapter_is_x: bool,
     weight: torch.Tensor,
     lora_A: torch.Tensor,
@@ -118,7 +120,8 @@ def _backward_op(
     merged: bool,
     needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dx, dx_a, db, dÂ, dB̂)``; entries not asked for by ``needs`` are empty tensors."""
+    """``(dx, dx_a, db, dÂ, dB̂)``; entries not asked for by ``needs`` are empty tensors. ``x_saved``: x itself when
+    ``adapter_is_x`` (gathered into bands here), else x_a already in the padded band layout."""
     need_x, need_xa, need_bias, need_A, need_B = needs
     with torch.autocast(grad_out.device.type, enabled=False):
         grad_out = grad_out.contiguous()
@@ -150,6 +153,7 @@ def _backward_op(
         grad_bias = grad_out.sum(0) if need_bias else None
         grad_A = grad_B = None
         if need_A or need_B:
+            xa_bands = blocked.gather_bands(x_saved, orders.col, num_blocks) if adapter_is_x else x_saved
             grad_A, grad_B = blocked.factor_grads(dy_bands, xa_bands, weight, lora_A, lora_B, orders, num_blocks,
                                                   scale)  # fmt: skip
     # custom ops return tensors only: an unused gradient is a fresh empty tensor (distinct objects, no aliasing).
@@ -159,7 +163,7 @@ def _backward_op(
 
 
 @_backward_op.register_fake
-def _(grad_out, xa_bands, adapter_is_x, weight, lora_A, lora_B, row_order, col_order, num_blocks, scale, path, merged,
+def _(grad_out, x_saved, adapter_is_x, weight, lora_A, lora_B, row_order, col_order, num_blocks, scale, path, merged,
       needs):  # fmt: skip
     need_x, need_xa, need_bias, need_A, need_B = needs
     n_rows, d_in = grad_out.shape[0], weight.shape[1]
@@ -179,7 +183,8 @@ def _(grad_out, xa_bands, adapter_is_x, weight, lora_A, lora_B, row_order, col_o
 class SMoATritonFunction(torch.autograd.Function):
     """2-D autograd.Function over the custom ops. ``x_adapter=None`` means "x itself" (dropout p = 0): its whole
     input gradient then comes back on x; a distinct ``x_adapter`` gets its own. W0 is frozen (no weight gradient).
-    ``save``: keep the gathered x_a for the factor gradient (False when no factor needs a gradient)."""
+    ``save``: keep what the factor gradient needs (False when no factor needs a gradient): x itself when x_a is x,
+    else x_a gathered into the padded band layout."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
@@ -189,10 +194,13 @@ class SMoATritonFunction(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.num_blocks, ctx.scale, ctx.path, ctx.merged = num_blocks, scale, path, merged
         out, xa_bands = torch.ops.smoa_kernels.triton_forward(
-            x, x_adapter, weight, bias, lora_A, lora_B, row_order, col_order, num_blocks, scale, path, merged, save
-        )
-        # x_a in the padded band layout replaces x_a (the same size up to ≤ 15 padding columns per block)
-        ctx.save_for_backward(xa_bands, weight, lora_A, lora_B, row_order, col_order)
+            x, x_adapter, weight, bias, lora_A, lora_B, row_order, col_order, num_blocks, scale, path, merged,
+            save and x_adapter is not None,
+        )  # fmt: skip
+        # x_a in the padded band layout replaces x_a (the same size up to <= 15 padding columns per block); without
+        # dropout x itself is kept (no new tensor) and the bands are gathered again in backward.
+        x_saved = x if save and x_adapter is None else xa_bands
+        ctx.save_for_backward(x_saved, weight, lora_A, lora_B, row_order, col_order)
         return out
 
     @staticmethod
@@ -200,9 +208,9 @@ class SMoATritonFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         need_x, need_xa, _, need_bias, need_A, need_B = ctx.needs_input_grad[:6]
         needs = [need_x, need_xa and not ctx.adapter_is_x, need_bias and ctx.has_bias, need_A, need_B]
-        xa_bands, weight, lora_A, lora_B, row_order, col_order = ctx.saved_tensors
+        x_saved, weight, lora_A, lora_B, row_order, col_order = ctx.saved_tensors
         grads = torch.ops.smoa_kernels.triton_backward(
-            grad_out, xa_bands, ctx.adapter_is_x, weight, lora_A, lora_B, row_order, col_order, ctx.num_blocks,
+            grad_out, x_saved, ctx.adapter_is_x, weight, lora_A, lora_B, row_order, col_order, ctx.num_blocks,
             ctx.scale, ctx.path, ctx.merged, needs,
         )  # fmt: skip
         grad_x, grad_xa, grad_bias, grad_A, grad_B = (g if flag else None for g, flag in zip(grads, needs))

@@ -278,6 +278,32 @@ def test_frozen_factors_still_give_the_input_gradient(path):
                     TOLERANCES[(torch.float32, torch.float32)])  # fmt: skip
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dropout", [False, True])
+def test_what_is_saved_for_backward(path, dropout):
+    # No dropout: x itself (no new N×d_in tensor, as LoRA); dropout: x_a in the padded band layout instead of x_a.
+    # Nothing D²-sized either way (ΔW_k is regenerated in backward).
+    problem = _make_inputs((9,), 30, 67, 3, 4, dropout, True, "contiguous", torch.float32, torch.float32)
+    x = problem["x"].to(DEVICE).requires_grad_(True)
+    x_adapter = x * problem["dropout_mask"].to(DEVICE, x.dtype) if dropout else x
+    lora_A = problem["lora_A"].to(DEVICE).requires_grad_(True)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        smoa_linear_triton(x, x_adapter, problem["weight"].to(DEVICE), None, lora_A, problem["lora_B"].to(DEVICE),
+                           problem["row_order"].to(DEVICE), problem["col_order"].to(DEVICE), 3, 0.5, path=path)  # fmt: skip
+    activations = [t for t in saved if t.dim() == 2 and t.shape[0] == 9]
+    if dropout:  # the mask multiply saves the mask; the kernels' saved tensor is the gathered x_a: 3 bands of 23 → 96
+        assert any(t.shape == (9, 96) for t in activations), [t.shape for t in activations]
+    else:
+        assert [t.data_ptr() for t in activations] == [x.data_ptr()], [t.shape for t in activations]
+    assert all(t.numel() < 30 * 67 for t in saved if t.shape[0] != 9 and tuple(t.shape) != (30, 67))  # W0 itself
+
+
 def test_custom_ops_are_registered_with_fake_impls():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
