@@ -294,8 +294,9 @@ def test_what_is_saved_for_backward(path, dropout):
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        smoa_linear_triton(x, x_adapter, problem["weight"].to(DEVICE), None, lora_A, problem["lora_B"].to(DEVICE),
-                           problem["row_order"].to(DEVICE), problem["col_order"].to(DEVICE), 3, 0.5, path=path)  # fmt: skip
+        orders = problem["row_order"].to(DEVICE), problem["col_order"].to(DEVICE)
+        weight, lora_B = problem["weight"].to(DEVICE), problem["lora_B"].to(DEVICE)
+        smoa_linear_triton(x, x_adapter, weight, None, lora_A, lora_B, *orders, 3, 0.5, path=path)
     activations = [t for t in saved if t.dim() == 2 and t.shape[0] == 9]
     if dropout:  # the mask multiply saves the mask; the kernels' saved tensor is the gathered x_a: 3 bands of 23 → 96
         assert any(t.shape == (9, 96) for t in activations), [t.shape for t in activations]
