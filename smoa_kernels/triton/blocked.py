@@ -542,7 +542,10 @@ def _fp32_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.dtype == torch.float32:
         return torch.mm(a, b)
     if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, NotImplementedError):  # a build without the fp32-output kernel (not seen; be safe)
+            pass
     return torch.mm(a.float(), b.float())
 
 
