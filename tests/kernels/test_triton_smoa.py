@@ -230,6 +230,20 @@ def test_adapter_term_alone_matches_reference(dtype, factor_dtype, path, dropout
     assert not _adapter_term_ok(dropped, base, expected_adapter, dtype)[0], "a dropped adapter would pass"
 
 
+@pytest.mark.parametrize("dtype, factor_dtype", DTYPES[:2], ids=lambda d: str(d).replace("torch.", ""))
+def test_adapter_term_check_catches_a_kernel_that_halves_the_adapter(monkeypatch, dtype, factor_dtype):
+    # A mutation of the real code path (not of the numbers): the blocked path's ΔW_k generation at half the scale.
+    problem = _make_inputs((TILE_N + 1,), 50, 45, 3, 4, False, True, "contiguous", dtype, factor_dtype)
+    problem["lora_B"] = problem["lora_B"] * 0.05
+    x, weight, bias = problem["x"], problem["weight"], problem["bias"]
+    base = torch.nn.functional.linear(x.double(), weight.double(), bias.double())
+    expected_adapter = _run(smoa_linear_reference, problem, dtype=torch.float64, device="cpu")["y"] - base
+    real = triton_blocked.delta_blocks
+    monkeypatch.setattr(triton_blocked, "delta_blocks", lambda w, a, b, o, k, scale: real(w, a, b, o, k, scale / 2))
+    y = _run(smoa_linear_triton, problem, path="blocked")["y"].double().cpu()
+    assert not _adapter_term_ok(y, base, expected_adapter, dtype)[0]
+
+
 def test_merged_weight_fast_path_matches_reference():
     # Opt-in single-dot path of the fused kernel (W0 + s·ΔW formed in registers); exact up to rounding in fp32.
     problem = _make_inputs((TILE_N + 1,), 70, 53, 3, 4, False, True, "contiguous", torch.float32, torch.float32)
