@@ -1,5 +1,6 @@
 """The blocked SMoA path (training-sized N): full-weight GEMMs and per-block adapter GEMMs in the vendor library,
-three small Triton kernels for the glue. Exactly the floor's FLOPs, (4 + 6/K)·N·D² per training step.
+four small Triton kernels for the glue (order guard, ΔW_k / anchor generation, scatter, factor-gradient epilogue).
+Exactly the floor's FLOPs, (4 + 6/K)·N·D² per training step.
 
 Notation as in SPEC §2–§4 (block k: rows ``R_k = row_order[r0_k:r1_k]``, columns ``C_k = col_order[c0_k:c1_k]``,
 ``A_k = Â[:, C_k]``, ``B_k = B̂[R_k, :]``, anchor ``M_k = W0[R_k, C_k]``)::
@@ -24,10 +25,10 @@ Why vendor GEMM + a separate scatter (and not the scatter fused into a Triton GE
 :mod:`smoa_kernels.cost_model`'s efficiencies (vendor GEMM 80% of peak, a Triton GEMM 60%), the adapter GEMM
 (2·N·D²/K FLOPs, 0.17 ms at N = 8192, D = 4096, K = 2 on an H100 — an estimate) would lose ≈ 58 µs in a Triton
 GEMM, while the separate scatter costs the write and re-read of Zᵀ (2·N·D elements, ≈ 50 µs at 80% of HBM
-bandwidth) and stays coalesced on both sides (y along its columns, Zᵀ along tokens). Even, and the vendor side
-is the one that needs no tuning per GPU; so the vendor GEMM. Same for the factor gradient: G_k in fp32 from the vendor
-GEMM plus the fused epilogue moves 2·D²/K fp32 elements (≈ 24 µs at D = 4096, K = 2) against ≈ 58 µs lost by a
-Triton GEMM at N = 8192; at small N the fused single-pass path is chosen anyway.
+bandwidth) and stays coalesced on both sides (y along its columns, Zᵀ along tokens). A tie at best for the Triton
+GEMM, and the vendor side needs no tuning per GPU; so the vendor GEMM. Same for the factor gradient: G_k in fp32
+from the vendor GEMM plus the fused epilogue moves 2·D²/K fp32 elements (≈ 24 µs at D = 4096, K = 2) against
+≈ 58 µs lost by a Triton GEMM at N = 8192; at small N the fused single-pass path is chosen anyway.
 
 Order guard (issue 10, item 2): every order is clamped into range on the device before any use (index_select,
 scatter, the kernels' anchor gathers, which clamp again), so no tensor content can make a kernel read out of bounds;
