@@ -33,8 +33,9 @@ from the vendor GEMM plus the fused epilogue moves 2·D²/K fp32 elements (≈ 2
 Order guard (issue 10, item 2): every order is clamped into range on the device before any use (index_select,
 scatter, the kernels' anchor gathers, which clamp again), so no tensor content can make a kernel read out of bounds;
 and :func:`prepare_orders` computes, without a host sync, a flag that is NaN unless both orders are permutations. The
-factors are multiplied by it, so a non-permutation order makes the whole output and every gradient NaN instead of a
-plausible wrong answer. Orders are validated with a clear error where they enter (SMoALinear, PEFT loading).
+ΔW_k / anchor generation multiplies by it (the fused path multiplies the factors), so a non-permutation order makes
+the whole output and every gradient NaN instead of a plausible wrong answer. Orders are validated with a clear error
+where they enter (SMoALinear, PEFT loading).
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def _smoa_delta_blocks_kernel(
     ROW_ORDER,
     COL_ORDER,
     DW,
+    FLAG,
     d_out,
     d_in,
     rank,
@@ -154,10 +156,11 @@ def _smoa_delta_blocks_kernel(
     cols = tl.minimum(tl.maximum(cols, 0), d_in - 1)
     tile_mask = mask_i[:, None] & mask_j[None, :]
     anchor = tl.load(W + rows[:, None] * stride_wo + cols[None, :] * stride_wi, mask=tile_mask, other=0.0)
+    flag = tl.load(FLAG)  # the order guard: 1.0, or NaN for a non-permutation order (poisons every use of ΔW / M)
     if ANCHOR_ONLY:
-        delta = anchor.to(tl.float32)
+        delta = anchor.to(tl.float32) * flag
     else:
-        delta = product * anchor.to(tl.float32) * scale  # 0 outside the band (anchor masked to 0)
+        delta = product * anchor.to(tl.float32) * (scale * flag)  # 0 outside the band (anchor masked to 0)
     store_mask = mask_i[:, None] & (local_j < stride_dwo)[None, :]  # DW's row stride: a multiple of 16
     tl.store(DW + band_i[:, None] * stride_dwo + local_j[None, :], delta.to(DW.dtype.element_ty), mask=store_mask)
 
@@ -325,6 +328,7 @@ class Orders:
     inv_row: torch.Tensor
     inv_col: torch.Tensor
     flag: torch.Tensor
+    factor_bands: tuple | None = None  # (lora_A, lora_B, a_bands, b_bands) of this call, see permuted_factors
 
 
 def prepare_orders(row_order: torch.Tensor, col_order: torch.Tensor) -> Orders:
@@ -396,6 +400,7 @@ def delta_blocks(
         orders.row,
         orders.col,
         delta,
+        orders.flag,
         d_out,
         d_in,
         rank,
@@ -467,10 +472,14 @@ def _input_grad_product(delta: torch.Tensor, dy_bands: torch.Tensor, d_in: int, 
 def permuted_factors(
     lora_A: torch.Tensor, lora_B: torch.Tensor, orders: Orders, num_blocks: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Â[:, col_order] in the padded band layout, B̂[row_order])``, poisoned by the order flag (tiny: r_k·D)."""
-    flag = orders.flag.to(lora_A.dtype)
-    a_bands = gather_bands(lora_A, orders.col, num_blocks, dim=1) * flag
-    b_bands = lora_B.index_select(0, orders.row) * flag
+    """``(Â[:, col_order] in the padded band layout, B̂[row_order])`` in fp32 (tiny: r_k·D; every kernel forms its
+    products in fp32). Computed once per op call: cached on ``orders``, which lives for one call only."""
+    cached = orders.factor_bands
+    if cached is not None and cached[0] is lora_A and cached[1] is lora_B:
+        return cached[2], cached[3]
+    a_bands = gather_bands(lora_A, orders.col, num_blocks, dim=1).float()
+    b_bands = lora_B.index_select(0, orders.row).float()
+    orders.factor_bands = (lora_A, lora_B, a_bands, b_bands)
     return a_bands, b_bands
 
 
@@ -566,7 +575,7 @@ def factor_grads(
     n_rows = dy_bands.shape[0]
     if n_rows == 0 or rank == 0:
         return torch.zeros_like(lora_A), torch.zeros_like(lora_B)
-    a_bands, b_bands = permuted_factors(lora_A.float(), lora_B.float(), orders, num_blocks)
+    a_bands, b_bands = permuted_factors(lora_A, lora_B, orders, num_blocks)
     grad_a_bands = torch.empty_like(a_bands)  # padding columns stay unread
     grad_b_bands = torch.empty_like(b_bands)
     row_starts = padded_band_starts(d_out, num_blocks, ALIGN)
