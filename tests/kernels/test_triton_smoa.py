@@ -13,6 +13,8 @@ multiplies raw bits (KERNELS.md §5); fp16 exercises the same 16-bit code path o
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -258,6 +260,24 @@ def test_results_are_bitwise_reproducible(path):
     problem = _make_inputs((TILE_N + 3,), 70, 66, 2, 4, True, True, "contiguous", torch.float32, torch.float32)
     first = _run(smoa_linear_triton, problem, path=path)
     second = _run(smoa_linear_triton, problem, path=path)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+@pytest.mark.skipif(
+    not ON_GPU or not os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    reason="GPU only; deterministic cuBLAS needs CUBLAS_WORKSPACE_CONFIG (e.g. :4096:8) set before the process starts",
+)
+@pytest.mark.parametrize("path", PATHS)
+def test_bitwise_reproducible_under_deterministic_algorithms(path):
+    problem = _make_inputs((300,), 256, 200, 2, 16, True, True, "contiguous", torch.bfloat16, torch.float32)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = _run(smoa_linear_triton, problem, path=path)
+        second = _run(smoa_linear_triton, problem, path=path)
+    finally:
+        torch.use_deterministic_algorithms(previous)
     for name in first:
         assert torch.equal(first[name], second[name]), name
 
