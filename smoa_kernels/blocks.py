@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["block_bounds", "block_ids", "block_sizes"]
+__all__ = ["block_bounds", "block_ids", "block_sizes", "padded_band_sources", "padded_band_starts"]
 
 
 def block_sizes(n: int, num_blocks: int) -> list[int]:
@@ -40,3 +40,24 @@ def block_ids(order: torch.Tensor, num_blocks: int, dtype: torch.dtype = torch.i
         position < long_span, position // (base + 1), extra + (position - long_span) // max(base, 1)
     ).to(dtype)
     return torch.empty_like(per_position).scatter_(0, order, per_position)
+
+
+def padded_band_starts(n: int, num_blocks: int, align: int) -> list[int]:
+    """Start of each block's band in a layout where every band is padded to a multiple of ``align`` elements (the
+    blocked Triton path's gathered activations: every band then starts 16-element aligned). Length K + 1: the last
+    entry is the padded width."""
+    starts = [0]
+    for size in block_sizes(n, num_blocks):
+        starts.append(starts[-1] + -(-size // align) * align)
+    return starts
+
+
+def padded_band_sources(n: int, num_blocks: int, align: int) -> list[int]:
+    """For each position of the padded band layout, the position in the sorted order it copies: band k's elements in
+    order, then its padding repeating the band's last element (any valid index: padding is never read as data)."""
+    sources = []
+    padded = padded_band_starts(n, num_blocks, align)
+    for k, (start, stop) in enumerate(block_bounds(n, num_blocks)):
+        sources.extend(range(start, stop))
+        sources.extend([stop - 1] * (padded[k + 1] - padded[k] - (stop - start)))
+    return sources

@@ -289,7 +289,7 @@ def test_a_failing_provider_is_an_error_row_not_a_crash():
     assert any("broken failed" in m for m in messages)
 
 
-@pytest.mark.parametrize("provider", ["smoa-triton", "smoa-triton-mw", "smoa-triton-perm"])
+@pytest.mark.parametrize("provider", ["smoa-triton", "smoa-triton-mw", "smoa-triton-fused", "smoa-triton-blocked"])
 def test_triton_providers_are_wired_right_under_the_interpreter(monkeypatch, tiny_inputs, provider):
     """The CUDA-only rows cannot be timed here, but their wiring (backend choice, the merged_weight fast path) is
     checked against the oracle with the Triton interpreter on the CPU."""

@@ -9,10 +9,11 @@ lora-eq         PEFT ``LoraConfig`` at rank r/K: the same trainable parameters a
 hira            PEFT ``HiraConfig`` at rank r/K (equal parameters); dense ``W0 ⊙ (BA)`` per call
 reference       ``SMoALinear`` on the ``reference`` backend: the dense official formulation (SPEC §2)
 smoa-torch      ``SMoALinear`` on the ``torch`` backend (blockwise, permuted coordinates)
-smoa-triton     ``SMoALinear`` on the ``triton`` backend (exact path; CUDA only)
+smoa-triton     ``SMoALinear`` on the ``triton`` backend (exact; ``path="auto"``: the cost model picks; CUDA only)
+smoa-triton-fused    the Triton kernels with ``path="fused"``: the single-pass kernel (exact; CUDA only)
+smoa-triton-blocked  the Triton kernels with ``path="blocked"``: vendor GEMMs on the K diagonal blocks; its peak
+                     memory includes the ΔW_k transient (≈ D²/K elements per layer; exact; CUDA only)
 smoa-triton-mw  the Triton kernels' opt-in fast path ``merged_weight=True`` (CUDA only; exact up to rounding)
-smoa-triton-perm  the Triton kernels with ``coordinates="permuted"``: cuBLAS base GEMMs + diagonal-block adapter
-                  (exact path; CUDA only)
 ================  =========================================================================================
 
 SMoA providers also get an ``inference`` row with the adapter merged (``variant="merged"``): a plain linear layer.
@@ -324,8 +325,8 @@ def _smoa(backend: str) -> Callable[[BenchInputs, int, int], Built]:
 
 class _TritonOption(nn.Module):
     """A Triton launch option of ``smoa_linear_triton`` on the layer's tensors: ``merged_weight=True`` (one dot per
-    tile with ``W0 + s·ΔW`` built in registers; exact up to rounding, dropout p = 0 only) or
-    ``coordinates="permuted"`` (base GEMMs by cuBLAS, the adapter term on the K diagonal blocks only)."""
+    tile with ``W0 + s·ΔW`` built in registers; exact up to rounding, dropout p = 0 only) or a forced ``path``
+    (``"fused"``: the single-pass kernel; ``"blocked"``: vendor GEMMs on the K diagonal blocks)."""
 
     def __init__(self, layer: SMoALinear, **options) -> None:
         super().__init__()
@@ -341,11 +342,14 @@ class _TritonOption(nn.Module):
         )  # fmt: skip
 
 
-def _build_triton_permuted(inputs: BenchInputs, r: int, num_blocks: int) -> Built:
-    built = _smoa("triton")(inputs, r, num_blocks)
-    # the [merged] inference row would be smoa-triton's: not repeated
-    module = _TritonOption(inputs.smoa_layer(r, num_blocks), coordinates="permuted")
-    return dataclasses.replace(built, module=module, merged=None)
+def _build_triton_path(path: str) -> Callable[[BenchInputs, int, int], Built]:
+    def build(inputs: BenchInputs, r: int, num_blocks: int) -> Built:
+        built = _smoa("triton")(inputs, r, num_blocks)
+        # the [merged] inference row would be smoa-triton's: not repeated
+        module = _TritonOption(inputs.smoa_layer(r, num_blocks), path=path)
+        return dataclasses.replace(built, module=module, merged=None)
+
+    return build
 
 
 def _build_triton_merged_weight(inputs: BenchInputs, r: int, num_blocks: int) -> Built:
@@ -371,7 +375,7 @@ for _provider in (
         "r,K", backend="torch", merged_variant=True,
     ),
     Provider(
-        "smoa-triton", "smoa", "SMoA, fused Triton kernels, exact path (triton backend)", _smoa("triton"),
+        "smoa-triton", "smoa", "SMoA, Triton kernels, exact path (triton backend, path='auto')", _smoa("triton"),
         lambda r, K: r // K, "r,K", backend="triton", cuda_only=True, merged_variant=True,
     ),
     Provider(
@@ -380,9 +384,13 @@ for _provider in (
         _build_triton_merged_weight, lambda r, K: r // K, "r,K", backend="triton", cuda_only=True,
     ),
     Provider(
-        "smoa-triton-perm", "smoa",
-        "SMoA, Triton exact path in permuted coordinates (cuBLAS base GEMMs + diagonal-block adapter kernel)",
-        _build_triton_permuted, lambda r, K: r // K, "r,K", backend="triton", cuda_only=True,
+        "smoa-triton-fused", "smoa", "SMoA, Triton path='fused' (single-pass kernel, ΔW tiles in registers)",
+        _build_triton_path("fused"), lambda r, K: r // K, "r,K", backend="triton", cuda_only=True,
+    ),
+    Provider(
+        "smoa-triton-blocked", "smoa",
+        "SMoA, Triton path='blocked' (vendor GEMMs on the K diagonal blocks; peak memory includes the ΔW_k transient)",
+        _build_triton_path("blocked"), lambda r, K: r // K, "r,K", backend="triton", cuda_only=True,
     ),
 ):  # fmt: skip
     register_provider(_provider)

@@ -51,48 +51,24 @@ KERNEL_CONFIGS: dict[str, list[dict]] = {
         {"BLOCK_O": 128, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 4, "num_stages": 3, "dtypes": _HALF},
         {"BLOCK_O": 128, "BLOCK_N": 128, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 8, "num_stages": 3, "dtypes": _HALF},
     ],
-    # Permuted-coordinate adapter GEMM (no base dot, no block mask). Its W0 sub-tiles and output tiles are addressed by
-    # loaded index vectors, i.e. one 64-bit pointer per element, which costs registers the "gemm" tiles do not pay: the
-    # 4-warp 16-bit tiles of "gemm" spill here (64×64×32: 48–100 B on sm_80, up to 400 B at r_k = 64; 128×64×32: 400+
-    # B), so do 128×128×32/8 warps (350–780 B) and 64×64×16/4 warps at r_k = 64; 128×64×32/8 warps spills 80 B on
-    # sm_80 for r_k > 16 only, 64×64×32/8 warps 40–56 B in dX with fp32 factors at r_k = 64 on sm_80 (any num_stages).
-    # All pruned (or rank-restricted) with tools/aot_compile_check.py.
-    "perm_adapter": [
-        {"BLOCK_O": 64, "BLOCK_N": 128, "BLOCK_R": 32, "num_warps": 8, "num_stages": 3, "dtypes": _HALF},
-        {"BLOCK_O": 128, "BLOCK_N": 64, "BLOCK_R": 16, "num_warps": 8, "num_stages": 3, "dtypes": _FP32},
-        {
-            "BLOCK_O": 64,
-            "BLOCK_N": 64,
-            "BLOCK_R": 32,
-            "num_warps": 8,
-            "num_stages": 3,
-            "dtypes": _HALF,
-            "max_rank": 16,
-        },
-        {
-            "BLOCK_O": 128,
-            "BLOCK_N": 64,
-            "BLOCK_R": 32,
-            "num_warps": 8,
-            "num_stages": 3,
-            "dtypes": _HALF,
-            "max_rank": 16,
-        },
+    # The blocked path's glue kernels (smoa_kernels/triton/blocked.py); none has a main loop over a large operand
+    # except the factor epilogue's walk over a block's columns. Chosen with the compile check (registers, no spills).
+    # s·ΔW_k generation: one (BLOCK_I × BLOCK_J) tile per program, rank padded to >= 16.
+    "delta_blocks": [
+        {"BLOCK_I": 64, "BLOCK_J": 64, "num_warps": 4, "num_stages": 1},
     ],
-    # 4 warps spill on sm_80 (the fp32 epilogue contractions); 64×128 spills 4–8 bytes, 128×128 about 1 KB, 128×64
-    # spills 16 bytes with fp32 activations (3×TF32) on sm_80 and, for r_k > 16 (the rank loop), in 16-bit too;
-    # 64×64 with BLOCK_N = 32 spills 4 bytes on sm_90 for r_k > 16. "max_rank" restricts an entry to r_k <= max_rank.
-    "factor_grad": [
-        {"BLOCK_O": 64, "BLOCK_C": 64, "BLOCK_N": 16, "num_warps": 8, "num_stages": 3},
-        {
-            "BLOCK_O": 128,
-            "BLOCK_C": 64,
-            "BLOCK_N": 32,
-            "num_warps": 8,
-            "num_stages": 3,
-            "dtypes": _HALF,
-            "max_rank": 16,
-        },
+    # Coalesced un-permute (+ bias) of a token-minor product into original coordinates; memory-bound.
+    "scatter": [
+        {"BLOCK_N": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 1},
+    ],
+    # H = s·G ⊙ W0, dB = H Aᵀ, dA partials = Bᵀ H per block (fp32); BLOCK_O is fixed by the launcher (it sizes the
+    # dA partial buffer), only the column tile is a config.
+    "factor_epilogue": [
+        {"BLOCK_C": 64, "num_warps": 4, "num_stages": 2},
+    ],
+    # The order guard: one program clamps, inverts and checks both orders (O(d), once per call).
+    "orders": [
+        {"BLOCK": 1024, "num_warps": 4, "num_stages": 1},
     ],
 }
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "dtypes", "max_rank")
@@ -101,18 +77,24 @@ _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "b
 # so the compile gate and the kernel modules can both import it).
 KERNEL_SOURCES = {
     "gemm": ("smoa_kernels.triton.fused", "_smoa_gemm_kernel"),
-    "perm_adapter": ("smoa_kernels.triton.permuted", "_smoa_perm_adapter_kernel"),
-    "factor_grad": ("smoa_kernels.triton.factor_grad", "_smoa_factor_grad_kernel"),
+    "delta_blocks": ("smoa_kernels.triton.blocked", "_smoa_delta_blocks_kernel"),
+    "scatter": ("smoa_kernels.triton.blocked", "_smoa_scatter_kernel"),
+    "factor_epilogue": ("smoa_kernels.triton.blocked", "_smoa_factor_epilogue_kernel"),
+    "orders": ("smoa_kernels.triton.blocked", "_smoa_orders_kernel"),
 }
 _AUTOTUNE_KEYS = {
     "gemm": ["d_out", "d_red", "n_bucket", "rank"],
-    "perm_adapter": ["d_out", "d_red", "n_bucket", "rank", "num_blocks"],
-    "factor_grad": ["d_out", "d_in", "n_bucket", "rank"],
+    "delta_blocks": ["d_out", "d_in", "rank", "num_blocks"],
+    "scatter": ["n_bucket", "d"],
+    "factor_epilogue": ["n_band_rows", "n_band_cols", "rank"],
+    "orders": ["d_out", "d_in"],
 }
-# perm_adapter accumulates into OUT (read-modify-write of the base term): autotuning must restore it between trials.
-_RESET_TO_ZERO = {"gemm": None, "perm_adapter": None, "factor_grad": ["DA_PART", "DB_PART"]}
-_RESTORE_VALUE = {"gemm": None, "perm_adapter": ["OUT"], "factor_grad": None}
-_ACTIVATION_ARG = {"gemm": "X", "perm_adapter": "XP", "factor_grad": "DY_PERM"}
+# Every kernel overwrites its outputs (no accumulation into existing values, partial-buffer layouts fixed by the
+# launcher), so autotuning trials need no reset or restore.
+_RESET_TO_ZERO = {name: None for name in KERNEL_CONFIGS}
+_RESTORE_VALUE = {name: None for name in KERNEL_CONFIGS}
+# The argument whose dtype selects the configs (args[0] of every launch).
+_ACTIVATION_ARG = {"gemm": "X", "delta_blocks": "W", "scatter": "ZT", "factor_epilogue": "G", "orders": "FLAG"}
 
 
 def config_dtypes(entry: dict) -> tuple[str, ...]:
@@ -153,7 +135,7 @@ def _autotuned_kernel(name: str):
 
     def prune(configs, named_args, **kwargs):
         dtype = _DTYPE_NAMES[named_args[_ACTIVATION_ARG[name]].dtype]
-        rank = named_args["rank"]
+        rank = named_args.get("rank", 0)
         return [
             config
             for config in configs
@@ -219,15 +201,11 @@ def launch(name: str, grid, *args, **constexprs) -> None:
         _CAPTURE[-1].append(Launch(name, grid, args, constexprs))
         return
     if _interpreting() or torch.are_deterministic_algorithms_enabled():
-        entry = default_config(name, args[0].dtype)  # args[0]: the activations (X / XP / DY_PERM)
+        entry = default_config(name, args[0].dtype)  # args[0]: see _ACTIVATION_ARG
         options = {"num_warps": entry["num_warps"], "num_stages": entry["num_stages"]}
         jit_kernel(name, _interpreting())[grid](*args, **constexprs, **config_meta(entry), **options)
     else:
         _autotuned_kernel(name)[grid](*args, **constexprs)
-
-
-def _min_config_block(name: str, key: str) -> int:
-    return min(entry[key] for entry in KERNEL_CONFIGS[name])
 
 
 # tl.dot precision for fp32 operands, keyed by torch.backends.cuda.matmul.allow_tf32. Without TF32 the kernels use

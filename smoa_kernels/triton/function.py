@@ -1,18 +1,63 @@
-"""The custom ops (opaque to torch.compile), the autograd.Function, input validation and the public entry point
-:func:`smoa_linear_triton` of the ``triton`` backend."""
+"""The custom ops (opaque to torch.compile), the autograd.Function, input validation, the path dispatch and the public
+entry point :func:`smoa_linear_triton` of the ``triton`` backend.
+
+Two paths compute the same function (see the package docstring): ``"fused"`` (the single-pass kernel of
+:mod:`~smoa_kernels.triton.fused` for forward and dX) and ``"blocked"`` (:mod:`~smoa_kernels.triton.blocked`: vendor
+GEMMs on the K contiguous diagonal blocks). The factor gradient is the blocked one on both paths. ``"auto"`` asks
+:func:`smoa_kernels.cost_model.choose_path` per call, inside the custom op: the decision depends on N, and deciding
+inside the op keeps it out of torch.compile's graph (no guard on N, no recompilation when N changes). Both paths save
+the same tensor for backward — ``x`` itself when there is no dropout (nothing new is kept: the band gather is redone in
+backward, one N·D pass), else ``x_a`` gathered into the padded band layout (the size of x_a, which LoRA keeps too) —
+so the decision needs no agreement between forward and backward.
+"""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from smoa_kernels import cost_model
 from smoa_kernels.blocks import block_ids
-from smoa_kernels.triton import configs
+from smoa_kernels.triton import blocked, configs
 from smoa_kernels.triton.configs import triton
-from smoa_kernels.triton.factor_grad import _factor_grads
 from smoa_kernels.triton.fused import _gemm
-from smoa_kernels.triton.permuted import _perm_adapter
 
-__all__ = ["COORDINATES", "SMoATritonFunction", "choose_coordinates", "is_available", "smoa_linear_triton"]
+__all__ = ["PATHS", "SMoATritonFunction", "is_available", "resolve_path", "smoa_linear_triton"]
+
+PATHS = ("auto", "fused", "blocked")
+
+
+@functools.cache
+def _gpu_class(device: torch.device) -> str:
+    """The cost model's GPU class for ``device`` ("a100" for Ampere data-centre parts, else "h100")."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device).lower()
+        if "a100" in name or "a800" in name or "a30" in name:
+            return "a100"
+    return "h100"
+
+
+def resolve_path(
+    path: str, n_tokens: int, d_out: int, d_in: int, num_blocks: int, dtype: torch.dtype, device: torch.device
+) -> str:
+    """``"fused"`` or ``"blocked"``: ``path`` itself, or for ``"auto"`` the cost model's choice for this call."""
+    if path != "auto":
+        return path
+    element_bytes = torch.empty((), dtype=dtype).element_size()
+    return cost_model.choose_path(n_tokens, d_out, d_in, num_blocks, element_bytes=element_bytes,
+                                  gpu=_gpu_class(device))  # fmt: skip
+
+
+def _fused_operands(lora_A, lora_B, orders, num_blocks):
+    """The fused kernel's operands under the order guard: the factors times the order flag (1.0, or NaN for a
+    non-permutation order; r_k·D elements) and the block ids, all set to block 0 for a non-permutation order so that
+    the kernel's block mask cannot hide the NaN. No host sync."""
+    flag = orders.flag.to(lora_A.dtype)
+    ok = orders.flag == 1.0
+    blk_row = torch.where(ok, block_ids(orders.row, num_blocks), 0)
+    blk_col = torch.where(ok, block_ids(orders.col, num_blocks), 0)
+    return lora_A * flag, lora_B * flag, blk_row, blk_col
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -28,30 +73,35 @@ def _forward_op(
     bias: torch.Tensor | None,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
-    blk_row: torch.Tensor,
-    blk_col: torch.Tensor,
+    row_order: torch.Tensor,
+    col_order: torch.Tensor,
+    num_blocks: int,
     scale: float,
+    path: str,
     merged: bool,
-) -> torch.Tensor:
-    return _gemm(
-        x,
-        x_adapter,
-        weight,
-        bias,
-        lora_B,
-        lora_A,
-        blk_row,
-        blk_col,
-        scale,
-        transpose=False,
-        has_base=True,
-        merged=merged,
-    )
+    save: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, x_band)``; ``x_band`` is x_a gathered into the padded band layout when ``save`` (else empty; the
+    Function asks for it only when dropout makes x_a a tensor of its own)."""
+    with torch.autocast(x.device.type, enabled=False):  # dtypes were fixed by smoa_linear_triton
+        orders = blocked.prepare_orders(row_order, col_order)
+        chosen = "fused" if merged else resolve_path(path, x.shape[0], *weight.shape, num_blocks, x.dtype, x.device)
+        if chosen == "blocked":
+            y, xa_bands = blocked.blocked_forward(x, x_adapter, weight, bias, lora_A, lora_B, orders, num_blocks,
+                                                  scale)  # fmt: skip
+            return y, xa_bands if save else x.new_empty(0)
+        lora_A, lora_B, blk_row, blk_col = _fused_operands(lora_A, lora_B, orders, num_blocks)
+        y = _gemm(x, x_adapter, weight, bias, lora_B, lora_A, blk_row, blk_col, scale,
+                  transpose=False, has_base=True, merged=merged)  # fmt: skip
+        if not save:
+            return y, x.new_empty(0)
+        return y, blocked.gather_bands(x if x_adapter is None else x_adapter, orders.col, num_blocks)
 
 
 @_forward_op.register_fake
-def _(x, x_adapter, weight, bias, lora_A, lora_B, blk_row, blk_col, scale, merged):
-    return x.new_empty((x.shape[0], weight.shape[0]))
+def _(x, x_adapter, weight, bias, lora_A, lora_B, row_order, col_order, num_blocks, scale, path, merged, save):
+    width = blocked.band_width(weight.shape[1], num_blocks)
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], width) if save else (0,))
 
 
 @torch.library.custom_op("smoa_kernels::triton_backward", mutates_args=())
@@ -64,45 +114,57 @@ def _backward_op(
     lora_B: torch.Tensor,
     row_order: torch.Tensor,
     col_order: torch.Tensor,
-    blk_row: torch.Tensor,
-    blk_col: torch.Tensor,
     num_blocks: int,
     scale: float,
+    path: str,
     merged: bool,
     needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dx, dx_a, db, dÂ, dB̂)``; entries not asked for by ``needs`` are empty tensors."""
+    """``(dx, dx_a, db, dÂ, dB̂)``; entries not asked for by ``needs`` are empty tensors. ``x_saved``: x itself when
+    ``adapter_is_x`` (gathered into bands here), else x_a already in the padded band layout."""
     need_x, need_xa, need_bias, need_A, need_B = needs
-    grad_out = grad_out.contiguous()
-    grad_x = grad_xa = None
-    if adapter_is_x:
-        if need_x:  # dx = dY W0 + s·dY ΔW in one pass over W0
-            grad_x = _gemm(
-                grad_out, None, weight, None, lora_A, lora_B, blk_col, blk_row, scale,
-                transpose=True, has_base=True, merged=merged,
+    with torch.autocast(grad_out.device.type, enabled=False):
+        grad_out = grad_out.contiguous()
+        orders = blocked.prepare_orders(row_order, col_order)
+        n_rows = grad_out.shape[0]
+        chosen = "fused" if merged else resolve_path(path, n_rows, *weight.shape, num_blocks, grad_out.dtype,
+                                                     grad_out.device)  # fmt: skip
+        dy_bands = None
+        if need_A or need_B or chosen == "blocked":
+            dy_bands = blocked.gather_bands(grad_out, orders.row, num_blocks)
+        grad_x = grad_xa = None
+        if chosen == "blocked":
+            grad_x, grad_xa = blocked.blocked_input_grads(
+                grad_out, dy_bands, weight, lora_A, lora_B, orders, num_blocks, scale,
+                adapter_is_x=adapter_is_x, need_x=need_x, need_xa=need_xa,
             )  # fmt: skip
-    else:
-        if need_x:
-            grad_x = grad_out @ weight
-        if need_xa:
-            grad_xa = _gemm(
-                grad_out, None, weight, None, lora_A, lora_B, blk_col, blk_row, scale,
-                transpose=True, has_base=False, merged=False,
-            )  # fmt: skip
-    grad_bias = grad_out.sum(0) if need_bias else None
-    grad_A = grad_B = None
-    if need_A or need_B:
-        grad_A, grad_B = _factor_grads(
-            grad_out, x_saved, weight, lora_A, lora_B, row_order, col_order, num_blocks, scale
-        )
+        elif need_x or need_xa:
+            fac_A, fac_B, blk_row, blk_col = _fused_operands(lora_A, lora_B, orders, num_blocks)
+            if adapter_is_x:
+                if need_x:  # dx = dY W0 + s·dY ΔW in one pass over W0
+                    grad_x = _gemm(grad_out, None, weight, None, fac_A, fac_B, blk_col, blk_row, scale,
+                                   transpose=True, has_base=True, merged=merged)  # fmt: skip
+            else:
+                if need_x:
+                    grad_x = grad_out @ weight
+                if need_xa:
+                    grad_xa = _gemm(grad_out, None, weight, None, fac_A, fac_B, blk_col, blk_row, scale,
+                                    transpose=True, has_base=False, merged=False)  # fmt: skip
+        grad_bias = grad_out.sum(0) if need_bias else None
+        grad_A = grad_B = None
+        if need_A or need_B:
+            xa_bands = blocked.gather_bands(x_saved, orders.col, num_blocks) if adapter_is_x else x_saved
+            grad_A, grad_B = blocked.factor_grads(dy_bands, xa_bands, weight, lora_A, lora_B, orders, num_blocks,
+                                                  scale)  # fmt: skip
     # custom ops return tensors only: an unused gradient is a fresh empty tensor (distinct objects, no aliasing).
-    grads = (grad_x, grad_xa, grad_bias, grad_A if need_A else None, grad_B if need_B else None)
+    grads = (grad_x if need_x else None, grad_xa if need_xa else None, grad_bias, grad_A if need_A else None,
+             grad_B if need_B else None)  # fmt: skip
     return tuple(grad_out.new_empty(0) if g is None else g for g in grads)
 
 
 @_backward_op.register_fake
-def _(grad_out, x_saved, adapter_is_x, weight, lora_A, lora_B, row_order, col_order, blk_row, blk_col, num_blocks,
-      scale, merged, needs):  # fmt: skip
+def _(grad_out, x_saved, adapter_is_x, weight, lora_A, lora_B, row_order, col_order, num_blocks, scale, path, merged,
+      needs):  # fmt: skip
     need_x, need_xa, need_bias, need_A, need_B = needs
     n_rows, d_in = grad_out.shape[0], weight.shape[1]
 
@@ -111,90 +173,7 @@ def _(grad_out, x_saved, adapter_is_x, weight, lora_A, lora_B, row_order, col_or
 
     return (
         maybe(need_x, (n_rows, d_in), grad_out),
-        maybe(need_xa and not adapter_is_x, (n_rows, d_in), grad_out),
-        maybe(need_bias, (weight.shape[0],), grad_out),
-        maybe(need_A, lora_A.shape, lora_A),
-        maybe(need_B, lora_B.shape, lora_B),
-    )
-
-
-@torch.library.custom_op("smoa_kernels::triton_forward_permuted", mutates_args=())
-def _forward_permuted_op(
-    x: torch.Tensor,
-    x_adapter: torch.Tensor | None,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    row_order: torch.Tensor,
-    col_order: torch.Tensor,
-    num_blocks: int,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y, x_a[:, col_order])``: base term by cuBLAS, adapter term on the diagonal blocks in permuted coordinates;
-    the gathered x_a is returned to be saved for backward (the factor gradient needs exactly it)."""
-    xa_perm = (x if x_adapter is None else x_adapter).index_select(1, col_order)
-    out = torch.nn.functional.linear(x, weight, bias).contiguous()
-    _perm_adapter(
-        xa_perm, out, weight, lora_B, lora_A, row_order, col_order, num_blocks, scale, transpose=False, accumulate=True
-    )
-    return out, xa_perm
-
-
-@_forward_permuted_op.register_fake
-def _(x, x_adapter, weight, bias, lora_A, lora_B, row_order, col_order, num_blocks, scale):
-    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], weight.shape[1]))
-
-
-@torch.library.custom_op("smoa_kernels::triton_backward_permuted", mutates_args=())
-def _backward_permuted_op(
-    grad_out: torch.Tensor,
-    xa_perm: torch.Tensor,
-    adapter_is_x: bool,
-    weight: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    row_order: torch.Tensor,
-    col_order: torch.Tensor,
-    num_blocks: int,
-    scale: float,
-    needs: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dx, dx_a, db, dÂ, dB̂)`` as :func:`_backward_op`; ``dY[:, row_order]`` is gathered once and feeds both the
-    dX adapter term and the factor gradient."""
-    need_x, need_xa, need_bias, need_A, need_B = needs
-    grad_out = grad_out.contiguous()
-    dy_perm = grad_out.index_select(1, row_order)
-    grad_x = grad_xa = None
-    if need_x:
-        grad_x = (grad_out @ weight).contiguous()
-        if adapter_is_x:  # dx = dY W0 (cuBLAS) + s·dY ΔW on the diagonal blocks, added in place
-            _perm_adapter(dy_perm, grad_x, weight, lora_A, lora_B, col_order, row_order, num_blocks, scale,
-                          transpose=True, accumulate=True)  # fmt: skip
-    if need_xa and not adapter_is_x:
-        grad_xa = grad_out.new_empty((grad_out.shape[0], weight.shape[1]))
-        _perm_adapter(dy_perm, grad_xa, weight, lora_A, lora_B, col_order, row_order, num_blocks, scale,
-                      transpose=True, accumulate=False)  # fmt: skip
-    grad_bias = grad_out.sum(0) if need_bias else None
-    grad_A = grad_B = None
-    if need_A or need_B:
-        grad_A, grad_B = _factor_grads(grad_out, None, weight, lora_A, lora_B, row_order, col_order, num_blocks, scale,
-                                       dy_perm=dy_perm, xa_perm=xa_perm)  # fmt: skip
-    grads = (grad_x, grad_xa, grad_bias, grad_A if need_A else None, grad_B if need_B else None)
-    return tuple(grad_out.new_empty(0) if g is None else g for g in grads)
-
-
-@_backward_permuted_op.register_fake
-def _(grad_out, xa_perm, adapter_is_x, weight, lora_A, lora_B, row_order, col_order, num_blocks, scale, needs):
-    need_x, need_xa, need_bias, need_A, need_B = needs
-    n_rows, d_in = grad_out.shape[0], weight.shape[1]
-
-    def maybe(flag, shape, like):
-        return like.new_empty(shape) if flag else grad_out.new_empty(0)
-
-    return (
-        maybe(need_x, (n_rows, d_in), grad_out),
-        maybe(need_xa and not adapter_is_x, (n_rows, d_in), grad_out),
+        maybe(need_xa, (n_rows, d_in), grad_out),
         maybe(need_bias, (weight.shape[0],), grad_out),
         maybe(need_A, lora_A.shape, lora_A),
         maybe(need_B, lora_B.shape, lora_B),
@@ -202,32 +181,26 @@ def _(grad_out, xa_perm, adapter_is_x, weight, lora_A, lora_B, row_order, col_or
 
 
 class SMoATritonFunction(torch.autograd.Function):
-    """2-D autograd.Function over the custom ops. ``x_adapter=None`` means "x itself" (dropout p = 0): then dx is one
-    fused pass; a distinct ``x_adapter`` gets its own gradient. W0 is frozen (no weight gradient)."""
+    """2-D autograd.Function over the custom ops. ``x_adapter=None`` means "x itself" (dropout p = 0): its whole
+    input gradient then comes back on x; a distinct ``x_adapter`` gets its own. W0 is frozen (no weight gradient).
+    ``save``: keep what the factor gradient needs (False when no factor needs a gradient): x itself when x_a is x,
+    else x_a gathered into the padded band layout."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(
-        ctx, x, x_adapter, weight, bias, lora_A, lora_B, row_order, col_order, num_blocks, scale, merged,
-        permuted=False,
-    ):  # fmt: skip
+    def forward(ctx, x, x_adapter, weight, bias, lora_A, lora_B, row_order, col_order, num_blocks, scale, path, merged,
+                save):  # fmt: skip
         ctx.adapter_is_x = x_adapter is None
         ctx.has_bias = bias is not None
-        ctx.num_blocks, ctx.scale, ctx.merged, ctx.permuted = num_blocks, scale, merged, permuted
-        if permuted:
-            out, xa_perm = torch.ops.smoa_kernels.triton_forward_permuted(
-                x, x_adapter, weight, bias, lora_A, lora_B, row_order, col_order, num_blocks, scale
-            )
-            # x_a[:, col_order] replaces x_a (same size): the factor gradient reads exactly it.
-            ctx.save_for_backward(xa_perm, weight, lora_A, lora_B, row_order, col_order)
-            return out
-        blk_row = block_ids(row_order, num_blocks)
-        blk_col = block_ids(col_order, num_blocks)
-        out = torch.ops.smoa_kernels.triton_forward(
-            x, x_adapter, weight, bias, lora_A, lora_B, blk_row, blk_col, scale, merged
-        )
-        ctx.save_for_backward(x if x_adapter is None else x_adapter, weight, lora_A, lora_B, row_order, col_order,
-                              blk_row, blk_col)  # fmt: skip
+        ctx.num_blocks, ctx.scale, ctx.path, ctx.merged = num_blocks, scale, path, merged
+        out, xa_bands = torch.ops.smoa_kernels.triton_forward(
+            x, x_adapter, weight, bias, lora_A, lora_B, row_order, col_order, num_blocks, scale, path, merged,
+            save and x_adapter is not None,
+        )  # fmt: skip
+        # x_a in the padded band layout replaces x_a (the same size up to <= 15 padding columns per block); without
+        # dropout x itself is kept (no new tensor) and the bands are gathered again in backward.
+        x_saved = x if save and x_adapter is None else xa_bands
+        ctx.save_for_backward(x_saved, weight, lora_A, lora_B, row_order, col_order)
         return out
 
     @staticmethod
@@ -235,21 +208,13 @@ class SMoATritonFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         need_x, need_xa, _, need_bias, need_A, need_B = ctx.needs_input_grad[:6]
         needs = [need_x, need_xa and not ctx.adapter_is_x, need_bias and ctx.has_bias, need_A, need_B]
-        if ctx.permuted:
-            xa_perm, weight, lora_A, lora_B, row_order, col_order = ctx.saved_tensors
-            grads = torch.ops.smoa_kernels.triton_backward_permuted(
-                grad_out, xa_perm, ctx.adapter_is_x, weight, lora_A, lora_B, row_order, col_order, ctx.num_blocks,
-                ctx.scale, needs,
-            )  # fmt: skip
-            grad_x, grad_xa, grad_bias, grad_A, grad_B = (g if flag else None for g, flag in zip(grads, needs))
-            return grad_x, grad_xa, None, grad_bias, grad_A, grad_B, None, None, None, None, None, None
-        x_saved, weight, lora_A, lora_B, row_order, col_order, blk_row, blk_col = ctx.saved_tensors
+        x_saved, weight, lora_A, lora_B, row_order, col_order = ctx.saved_tensors
         grads = torch.ops.smoa_kernels.triton_backward(
-            grad_out, x_saved, ctx.adapter_is_x, weight, lora_A, lora_B, row_order, col_order, blk_row, blk_col,
-            ctx.num_blocks, ctx.scale, ctx.merged, needs,
+            grad_out, x_saved, ctx.adapter_is_x, weight, lora_A, lora_B, row_order, col_order, ctx.num_blocks,
+            ctx.scale, ctx.path, ctx.merged, needs,
         )  # fmt: skip
         grad_x, grad_xa, grad_bias, grad_A, grad_B = (g if flag else None for g, flag in zip(grads, needs))
-        return grad_x, grad_xa, None, grad_bias, grad_A, grad_B, None, None, None, None, None, None
+        return grad_x, grad_xa, None, grad_bias, grad_A, grad_B, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -264,18 +229,6 @@ def is_available() -> tuple[bool, str]:
     if torch.cuda.is_available() or configs._interpreting():
         return True, ""
     return False, "no CUDA device and TRITON_INTERPRET is not set to 1 (the Triton interpreter runs kernels on the CPU)"
-
-
-def _check_permutation(name: str, order: torch.Tensor, n: int) -> None:
-    """Orders index W0 inside the kernels: check that they are permutations of range(n) (no cache: a cache keyed by
-    address or version can be fooled by a new tensor at a freed address or a ``.data`` write).
-
-    Skipped while torch.compile traces (a data-dependent check cannot be traced; eager calls have checked them)."""
-    if torch.compiler.is_compiling():
-        return
-    expected = torch.arange(n, device=order.device, dtype=order.dtype)
-    if not torch.equal(torch.sort(order).values, expected):
-        raise ValueError(f"{name} is not a permutation of range({n})")
 
 
 def _validate(x, x_adapter, weight, bias, lora_A, lora_B, row_order, col_order, num_blocks, scale) -> None:
@@ -338,25 +291,16 @@ def _validate(x, x_adapter, weight, bias, lora_A, lora_B, row_order, col_order, 
     for name, order, n in (("row_order", row_order, d_out), ("col_order", col_order, d_in)):
         if order.dtype != torch.int64 or order.dim() != 1 or order.numel() != n:
             raise ValueError(f"{name} must be a 1-D int64 tensor of length {n}, got {order.dtype} {tuple(order.shape)}")
-        _check_permutation(name, order, n)
+    if configs._interpreting():
+        for name, tensor in (("x", x), ("lora_A", lora_A)):
+            if tensor.dtype == torch.bfloat16:
+                raise TypeError(
+                    f"{name}.dtype=torch.bfloat16 cannot run under the Triton interpreter (TRITON_INTERPRET=1): it "
+                    "stores bf16 as raw 16-bit integers, so its dots and casts would return wrong numbers; use "
+                    "float16/float32 here, or the torch backend"
+                )
     if torch.is_grad_enabled() and weight.requires_grad:
         raise ValueError("weight.requires_grad=True: the triton SMoA path treats W0 as frozen (SPEC §4)")
-
-
-COORDINATES = ("original", "permuted", "auto")
-# "auto" picks "permuted" when the FLOPs it saves per token and feature, 2·D·(1 − 1/K), exceed this many. Modelled, not
-# yet measured (see the module docstring): the permuted path moves about 4 extra elements per token and feature (the
-# gather of x_a / dY and the read-modify-write of the scattered output columns) at about 300 FLOP/byte (H100 bf16
-# ridge), i.e. ≈ 2400 FLOPs, plus element-wise W0 sub-tile loads; the margin is for the latter.
-AUTO_PERMUTED_MIN_SAVED_FLOPS = 4096
-
-
-def choose_coordinates(coordinates: str, d_out: int, d_in: int, num_blocks: int) -> str:
-    """Resolve ``coordinates`` ("auto" by the size heuristic: shapes and K only, so it never depends on N)."""
-    if coordinates != "auto":
-        return coordinates
-    saved = 2 * min(d_out, d_in) * (1 - 1 / num_blocks)
-    return "permuted" if num_blocks >= 2 and saved >= AUTO_PERMUTED_MIN_SAVED_FLOPS else "original"
 
 
 def _autocast(x, x_adapter, weight, bias, lora_A, lora_B):
@@ -388,33 +332,38 @@ def smoa_linear_triton(
     num_blocks: int,
     scale: float,
     *,
+    path: str = "auto",
     merged_weight: bool = False,
-    coordinates: str = "original",
 ) -> torch.Tensor:
     """Same signature and result as :func:`smoa_kernels.reference.smoa_linear_reference`, any leading dims in ``x``.
 
-    Pass the very same tensor object as ``x`` and ``x_adapter`` for dropout p = 0 (dx is then one fused pass).
-    ``merged_weight=True`` opts into the single-dot fast path (requires ``x_adapter is x``; see the module docstring
-    for its rounding cost). ``coordinates``: ``"original"`` (default: fused base + adapter GEMM over every W0 tile),
-    ``"permuted"`` (cuBLAS base GEMMs + the adapter on the diagonal blocks only) or ``"auto"`` (the size heuristic
-    :func:`choose_coordinates`); see the module docstring for the cost model.
+    Pass the very same tensor object as ``x`` and ``x_adapter`` for dropout p = 0 (dx is then one pass).
+    ``path``: ``"auto"`` (default: :func:`smoa_kernels.cost_model.choose_path` per call, by the number of tokens),
+    ``"fused"`` (the single-pass kernel, for small N) or ``"blocked"`` (vendor GEMMs on the K diagonal blocks, for
+    training-sized N). ``merged_weight=True`` opts into the fused kernel's single-dot fast path (requires
+    ``x_adapter is x``; rounds the update at W0's magnitude); it runs on the fused path.
+
+    Orders are not checked here with a host sync: any content is memory-safe (indices are clamped on the device)
+    and an order that is not a permutation makes the output and every gradient NaN (see
+    :mod:`smoa_kernels.triton.blocked`). ``SMoALinear`` and the PEFT loaders validate orders where they enter.
     """
     _validate(x, x_adapter, weight, bias, lora_A, lora_B, row_order, col_order, num_blocks, scale)
+    if not isinstance(path, str) or path not in PATHS:
+        raise ValueError(f"path={path!r} must be one of {', '.join(map(repr, PATHS))}")
     if merged_weight and x_adapter is not x:
         raise ValueError("merged_weight=True requires x_adapter to be x itself (dropout p = 0)")
-    if not isinstance(coordinates, str) or coordinates not in COORDINATES:
-        raise ValueError(f"coordinates={coordinates!r} must be one of {', '.join(map(repr, COORDINATES))}")
-    if coordinates == "permuted" and merged_weight:
-        raise ValueError("merged_weight=True runs in original coordinates: it cannot be combined with 'permuted'")
-    permuted = not merged_weight and choose_coordinates(coordinates, *weight.shape, num_blocks) == "permuted"
+    if merged_weight and path == "blocked":
+        raise ValueError("merged_weight=True is a fast path of the fused kernel: it cannot be combined with "
+                         "path='blocked'")  # fmt: skip
     x, x_adapter, weight, bias, lora_A, lora_B = _autocast(x, x_adapter, weight, bias, lora_A, lora_B)
     same = x_adapter is x
     d_in = weight.shape[1]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, d_in)
     xa2 = None if same else x_adapter.reshape(-1, d_in)
+    save = torch.is_grad_enabled() and (lora_A.requires_grad or lora_B.requires_grad)
     y = SMoATritonFunction.apply(
-        x2, xa2, weight, bias, lora_A, lora_B, row_order, col_order, num_blocks, float(scale), bool(merged_weight),
-        permuted,
+        x2, xa2, weight, bias, lora_A, lora_B, row_order, col_order, num_blocks, float(scale), path,
+        bool(merged_weight), save,
     )  # fmt: skip
     return y.reshape(*lead, weight.shape[0])

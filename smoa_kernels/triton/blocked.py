@@ -1,0 +1,628 @@
+"""The blocked SMoA path (training-sized N): full-weight GEMMs and per-block adapter GEMMs in the vendor library,
+four small Triton kernels for the glue (order guard, ΔW_k / anchor generation, scatter, factor-gradient epilogue).
+Exactly the floor's FLOPs, (4 + 6/K)·N·D² per training step.
+
+Notation as in SPEC §2–§4 (block k: rows ``R_k = row_order[r0_k:r1_k]``, columns ``C_k = col_order[c0_k:c1_k]``,
+``A_k = Â[:, C_k]``, ``B_k = B̂[R_k, :]``, anchor ``M_k = W0[R_k, C_k]``)::
+
+    forward    x_band   = x_a[:, col_order]                  (gathered once, padded bands; saved for backward)
+               s·ΔW_k   = s·(B_k A_k) ⊙ M_k                   (_smoa_delta_blocks_kernel, all K blocks, one launch)
+               Zᵀ[R_k]  = s·ΔW_k · x_band,kᵀ                  (torch.mm per block into rows of a d_out×N buffer)
+               y        = scatter(Zᵀ) + b  ;  y += x W0ᵀ      (_smoa_scatter_kernel, then cuBLAS addmm_ in place)
+    backward   dy_band  = dY[:, row_order]                   (gathered once, padded bands)
+               Uᵀ[C_k]  = s·ΔW_kᵀ · dy_band,kᵀ                (ΔW_k regenerated, never saved)
+               dx       = scatter(Uᵀ) ; dx += dY W0           (dx_a = scatter(Uᵀ) and dx = dY W0 with dropout)
+               G_k      = dy_band,kᵀ · x_band,k               (torch.mm per block, fp32 output)
+               H_k      = s·G_k ⊙ M_k ; dB_k = H_k A_kᵀ ; dA_k = B_kᵀ H_k   (_smoa_factor_epilogue_kernel)
+               db       = Σ_n dY
+
+Band layout: every band of the gathered activations (and of the permuted factors ``Â[:, col_order]``) is padded to a
+multiple of ``ALIGN`` = 16 elements, so every band a GEMM or a kernel reads starts 16-element aligned (cuBLAS gets
+aligned operands; the kernels' contiguous loads vectorise). The padding repeats a valid column and is never read as
+data. Buffers the kernels index with a row stride (``ΔW``, ``Zᵀ``/``Uᵀ``) get leading dimensions rounded up to 16.
+
+Why vendor GEMM + a separate scatter (and not the scatter fused into a Triton GEMM's epilogue): by
+:mod:`smoa_kernels.cost_model`'s efficiencies (vendor GEMM 80% of peak, a Triton GEMM 60%), the adapter GEMM
+(2·N·D²/K FLOPs, 0.17 ms at N = 8192, D = 4096, K = 2 on an H100 — an estimate) would lose ≈ 58 µs in a Triton
+GEMM, while the separate scatter costs the write and re-read of Zᵀ (2·N·D elements, ≈ 50 µs at 80% of HBM
+bandwidth) and stays coalesced on both sides (y along its columns, Zᵀ along tokens). A tie at best for the Triton
+GEMM, and the vendor side needs no tuning per GPU; so the vendor GEMM. Same for the factor gradient: G_k in fp32
+from the vendor GEMM plus the fused epilogue moves 2·D²/K fp32 elements (≈ 24 µs at D = 4096, K = 2) against
+≈ 58 µs lost by a Triton GEMM at N = 8192; at small N the fused single-pass path is chosen anyway.
+
+Order guard (issue 10, item 2): every order is clamped into range on the device before any use (index_select,
+scatter, the kernels' anchor gathers, which clamp again), so no tensor content can make a kernel read out of bounds;
+and :func:`prepare_orders` computes, without a host sync, a flag that is NaN unless both orders are permutations. The
+ΔW_k / anchor generation multiplies by it (the fused path multiplies the factors), so a non-permutation order makes
+the whole output and every gradient NaN instead of a plausible wrong answer. Orders are validated with a clear error
+where they enter (SMoALinear, PEFT loading).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+
+from smoa_kernels.blocks import block_bounds, padded_band_sources, padded_band_starts
+from smoa_kernels.triton import configs
+from smoa_kernels.triton.configs import tl, triton
+
+ALIGN = 16  # band starts and leading dimensions in elements (Triton specialises integers divisible by 16)
+RANK_CHUNK_MAX = 32  # the rank-64 fp32 tiles spilled on sm_80 and sm_90 in the compile check
+EPILOGUE_BLOCK_O = 32  # rows per program of the factor epilogue; fixed here because it sizes the dA partial buffer
+
+
+def _round_up(n: int, multiple: int = ALIGN) -> int:
+    return -(-n // multiple) * multiple
+
+
+def band_width(n: int, num_blocks: int) -> int:
+    """Width of the padded band layout of ``n`` coordinates in K blocks (≤ n + (ALIGN − 1)·K)."""
+    return padded_band_starts(n, num_blocks, ALIGN)[-1]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _smoa_delta_blocks_kernel(
+    W,
+    A_BANDS,
+    B_BANDS,
+    ROW_ORDER,
+    COL_ORDER,
+    DW,
+    FLAG,
+    d_out,
+    d_in,
+    rank,
+    num_blocks,
+    scale,
+    stride_wo,
+    stride_wi,
+    stride_at,
+    stride_ac,
+    stride_bo,
+    stride_bt,
+    stride_dwo,
+    ALIGN_C: tl.constexpr,
+    RANK_PAD: tl.constexpr,
+    RANK_CHUNK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    ANCHOR_ONLY: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    """``DW[r0_k + i, j] = s · (B_k A_k)[i, j] · W0[R_k[i], C_k[j]]`` for block k = program_id(1), in the activation
+    dtype: the rank-r_k product (``tl.dot``, rank padded to RANK_PAD ≥ 16), the Hadamard with the gathered anchor and
+    the block assembly in one pass. ``A_BANDS = Â[:, col_order]`` in the padded band layout (band k starts at a
+    multiple of ALIGN_C), ``B_BANDS = B̂[row_order]``; rows of DW follow the row order (band k at r0_k).
+    ``ANCHOR_ONLY``: write the gathered anchor ``M_k`` itself (exact copies of W0's entries, for the factor
+    epilogue)."""
+    pid = tl.program_id(0)
+    k = tl.program_id(1)
+    rows_base = d_out // num_blocks
+    rows_extra = d_out % num_blocks
+    cols_base = d_in // num_blocks
+    cols_extra = d_in % num_blocks
+    # tensor_split bands: the first `extra` blocks hold one more element.
+    row_start = k * rows_base + tl.minimum(k, rows_extra)
+    row_size = rows_base + (k < rows_extra).to(tl.int32)
+    col_start = k * cols_base + tl.minimum(k, cols_extra)
+    col_size = cols_base + (k < cols_extra).to(tl.int32)
+    # Padded start of band k in A_BANDS: bands of cols_base + 1 (the first `extra`), then of cols_base, each rounded up.
+    long_pad = (cols_base + 1 + ALIGN_C - 1) // ALIGN_C * ALIGN_C
+    short_pad = (cols_base + ALIGN_C - 1) // ALIGN_C * ALIGN_C
+    col_pad_start = tl.minimum(k, cols_extra) * long_pad + tl.maximum(k - cols_extra, 0) * short_pad
+    col_pad_start = tl.multiple_of(col_pad_start, ALIGN_C)  # true by construction of the padded layout
+    # The grid covers the largest band; programs past a smaller band are fully masked.
+    tiles_j = (cols_base + (cols_extra > 0).to(tl.int32) + BLOCK_J - 1) // BLOCK_J
+    pid_i = pid // tiles_j
+    pid_j = pid % tiles_j
+
+    local_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    local_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    mask_i = local_i < row_size
+    mask_j = local_j < col_size
+    # Loads and stores of the band layout are masked at the padded band width (a multiple of ALIGN_C, so the masks are
+    # uniform over a vector: 128-bit accesses); the padding is allocated and never read as data.
+    mask_j_pad = local_j < (col_size + ALIGN_C - 1) // ALIGN_C * ALIGN_C
+    band_i = (row_start + local_i).to(tl.int64)
+    a_cols = (col_pad_start + local_j).to(tl.int64)
+
+    # The rank-r_k product, RANK_CHUNK ranks at a time (rank padded to RANK_PAD >= 16 with masked loads).
+    product = tl.full((BLOCK_I, BLOCK_J), 0.0, tl.float32)
+    for t_start in range(0, 0 if ANCHOR_ONLY else RANK_PAD, RANK_CHUNK):
+        offs_t = t_start + tl.arange(0, RANK_CHUNK)
+        mask_t = offs_t < rank
+        b = tl.load(
+            B_BANDS + band_i[:, None] * stride_bo + offs_t[None, :] * stride_bt,
+            mask=mask_i[:, None] & mask_t[None, :],
+            other=0.0,
+        )
+        a = tl.load(
+            A_BANDS + offs_t[:, None] * stride_at + a_cols[None, :] * stride_ac,
+            mask=mask_t[:, None] & mask_j_pad[None, :],
+            other=0.0,
+        )
+        product = tl.dot(b, a, product, input_precision=DOT_PRECISION)
+    # The anchor gather (the only gather of W0): indices clamped so no order content can address outside W0.
+    rows = tl.load(ROW_ORDER + band_i, mask=mask_i, other=0)
+    cols = tl.load(COL_ORDER + (col_start + local_j).to(tl.int64), mask=mask_j, other=0)
+    rows = tl.minimum(tl.maximum(rows, 0), d_out - 1)
+    cols = tl.minimum(tl.maximum(cols, 0), d_in - 1)
+    tile_mask = mask_i[:, None] & mask_j[None, :]
+    anchor = tl.load(W + rows[:, None] * stride_wo + cols[None, :] * stride_wi, mask=tile_mask, other=0.0)
+    flag = tl.load(FLAG)  # the order guard: 1.0, or NaN for a non-permutation order (poisons every use of ΔW / M)
+    if ANCHOR_ONLY:
+        delta = anchor.to(tl.float32) * flag
+    else:
+        delta = product * anchor.to(tl.float32) * (scale * flag)  # 0 outside the band (anchor masked to 0)
+    store_mask = mask_i[:, None] & (local_j < stride_dwo)[None, :]  # DW's row stride: a multiple of 16
+    tl.store(DW + band_i[:, None] * stride_dwo + local_j[None, :], delta.to(DW.dtype.element_ty), mask=store_mask)
+
+
+def _smoa_scatter_kernel(
+    ZT,
+    OUT,
+    BIAS,
+    INV_ORDER,
+    n_rows,
+    d,
+    n_bucket,
+    stride_zt,
+    stride_on,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """``OUT[n, c] = ZT[INV_ORDER[c], n] (+ BIAS[c])``: un-permute a permuted-coordinate, token-minor product into
+    original coordinates. Both sides are coalesced: OUT along its columns c, ZT along tokens n (each ZT row segment of
+    BLOCK_N tokens is contiguous); Triton converts between the two layouts in shared memory."""
+    pid_n = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_n = offs_n < n_rows
+    mask_c = offs_c < d
+    inv = tl.load(INV_ORDER + offs_c, mask=mask_c, other=0)
+    inv = tl.minimum(tl.maximum(inv, 0), d - 1)
+    tile_mask = mask_n[:, None] & mask_c[None, :]
+    # ZT's rows are padded to stride_zt (a multiple of 16) tokens: masking the load there keeps it vectorised
+    load_mask = (offs_n < stride_zt)[:, None] & mask_c[None, :]
+    value = tl.load(ZT + inv[None, :] * stride_zt + offs_n[:, None], mask=load_mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        value += tl.load(BIAS + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    tl.store(OUT + offs_n[:, None] * stride_on + offs_c[None, :], value.to(OUT.dtype.element_ty), mask=tile_mask)
+
+
+def _smoa_factor_epilogue_kernel(
+    G,
+    M,
+    A_BAND,
+    B_BAND,
+    DB_BAND,
+    DA_PART,
+    n_band_rows,
+    n_band_cols,
+    rank,
+    scale,
+    stride_go,
+    stride_mo,
+    stride_at,
+    stride_bo,
+    stride_dbo,
+    stride_dap_tile,
+    stride_dap_t,
+    RANK_CHUNK: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """One block's factor gradient from ``G_k = dy_bandᵀ x_band`` (fp32, |R_k|×|C_k|, unit column stride).
+
+    Each program owns BLOCK_O rows and RANK_CHUNK ranks and walks the block's columns: ``H = s·G ⊙ M_k`` (the
+    anchor ``M_k = W0[R_k, C_k]`` read contiguous from the buffer the generation kernel gathered it into),
+    ``dB_k[rows] = Σ_c H Aᵀ`` complete in registers (stored once), and ``B_kᵀ H`` for its rows into its own slot of
+    ``DA_PART`` (summed by the launcher): deterministic, no atomics. fp32 throughout."""
+    pid = tl.program_id(0)
+    local_o = pid * BLOCK_O + tl.arange(0, BLOCK_O)
+    mask_o = local_o < n_band_rows
+    offs_t = tl.program_id(1) * RANK_CHUNK + tl.arange(0, RANK_CHUNK)  # this program's ranks
+    mask_t = offs_t < rank
+    n_cols_pad = (n_band_cols + 15) // 16 * 16  # A_BAND is a view into the padded band layout
+    local_o64 = local_o.to(tl.int64)
+    b = tl.load(
+        B_BAND + local_o64[:, None] * stride_bo + offs_t[None, :], mask=mask_o[:, None] & mask_t[None, :], other=0.0
+    )
+    grad_b = tl.full((BLOCK_O, RANK_CHUNK), 0.0, tl.float32)
+    for c_start in range(0, n_band_cols, BLOCK_C):
+        local_c = c_start + tl.arange(0, BLOCK_C)
+        mask_c = local_c < n_band_cols
+        tile_mask = mask_o[:, None] & mask_c[None, :]
+        g = tl.load(G + local_o64[:, None] * stride_go + local_c[None, :], mask=tile_mask, other=0.0)
+        pad_mask = local_c < n_cols_pad
+        m_mask = mask_o[:, None] & pad_mask[None, :]
+        anchor = tl.load(M + local_o64[:, None] * stride_mo + local_c[None, :], mask=m_mask, other=0.0)
+        h = g * anchor.to(tl.float32) * scale
+        a = tl.load(
+            A_BAND + offs_t[:, None] * stride_at + local_c[None, :],
+            mask=mask_t[:, None] & pad_mask[None, :],
+            other=0.0,
+        )
+        grad_b = tl.dot(h, tl.trans(a), grad_b, input_precision="ieee")
+        grad_a = tl.dot(tl.trans(b), h, input_precision="ieee")
+        tl.store(
+            DA_PART + pid.to(tl.int64) * stride_dap_tile + offs_t[:, None] * stride_dap_t + local_c[None, :],
+            grad_a,
+            mask=mask_t[:, None] & mask_c[None, :],
+        )
+    tl.store(
+        DB_BAND + local_o64[:, None] * stride_dbo + offs_t[None, :], grad_b, mask=mask_o[:, None] & mask_t[None, :]
+    )
+
+
+def _smoa_orders_kernel(
+    FLAG,
+    ROW_ORDER,
+    COL_ORDER,
+    ROW_OUT,
+    COL_OUT,
+    INV_ROW,
+    INV_COL,
+    d_out,
+    d_in,
+    BLOCK: tl.constexpr,
+):
+    """The order guard in one single-program launch: both orders clamped into range (``ROW_OUT``, ``COL_OUT``), their
+    inverses (``INV[order[p]] = p``) and ``FLAG`` = 1.0 if both are permutations, NaN otherwise. A permutation is an
+    order that needed no clamping and whose inverse maps every position back to itself. (One program, so CTA barriers
+    order its global writes; every thread that finds a defect stores the same NaN, so the races are benign.)"""
+    tl.store(FLAG, 1.0)
+    tl.debug_barrier()
+    for start in range(0, d_out, BLOCK):
+        p = start + tl.arange(0, BLOCK)
+        m = p < d_out
+        o = tl.load(ROW_ORDER + p, mask=m, other=0)
+        c = tl.minimum(tl.maximum(o, 0), d_out - 1)
+        tl.store(ROW_OUT + p, c, mask=m)
+        tl.store(INV_ROW + c, p.to(tl.int64), mask=m)
+        tl.store(FLAG + p * 0, float("nan"), mask=m & (o != c))
+    for start in range(0, d_in, BLOCK):
+        p = start + tl.arange(0, BLOCK)
+        m = p < d_in
+        o = tl.load(COL_ORDER + p, mask=m, other=0)
+        c = tl.minimum(tl.maximum(o, 0), d_in - 1)
+        tl.store(COL_OUT + p, c, mask=m)
+        tl.store(INV_COL + c, p.to(tl.int64), mask=m)
+        tl.store(FLAG + p * 0, float("nan"), mask=m & (o != c))
+    tl.debug_barrier()  # the inverses are complete
+    for start in range(0, d_out, BLOCK):
+        p = start + tl.arange(0, BLOCK)
+        m = p < d_out
+        c = tl.load(ROW_OUT + p, mask=m, other=0)
+        back = tl.load(INV_ROW + c, mask=m, other=0)
+        tl.store(FLAG + p * 0, float("nan"), mask=m & (back != p))
+    for start in range(0, d_in, BLOCK):
+        p = start + tl.arange(0, BLOCK)
+        m = p < d_in
+        c = tl.load(COL_OUT + p, mask=m, other=0)
+        back = tl.load(INV_COL + c, mask=m, other=0)
+        tl.store(FLAG + p * 0, float("nan"), mask=m & (back != p))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Orders, band layout and the launchers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Orders:
+    """Both orders clamped into range, their inverses, and the poison flag (a 0-d fp32 tensor: 1.0, or NaN unless
+    both orders are permutations); all on the device, computed by one launch without a host sync."""
+
+    row: torch.Tensor
+    col: torch.Tensor
+    inv_row: torch.Tensor
+    inv_col: torch.Tensor
+    flag: torch.Tensor
+    factor_bands: tuple | None = None  # (lora_A, lora_B, a_bands, b_bands) of this call, see permuted_factors
+
+
+def prepare_orders(row_order: torch.Tensor, col_order: torch.Tensor) -> Orders:
+    """Clamp, invert and check the orders on the device (see the module docstring's "Order guard")."""
+    flag = torch.empty((), dtype=torch.float32, device=row_order.device)
+    row, col = torch.empty_like(row_order), torch.empty_like(col_order)
+    inv_row, inv_col = torch.empty_like(row_order), torch.empty_like(col_order)
+    configs.launch("orders", (1,), flag, row_order, col_order, row, col, inv_row, inv_col, row.numel(), col.numel())
+    return Orders(row, col, inv_row, inv_col, flag)
+
+
+@functools.cache
+def _band_sources(n: int, num_blocks: int, device: torch.device) -> torch.Tensor:
+    # keyed by shape and device only (no data): the positions of the padded band layout in the sorted order
+    return torch.tensor(padded_band_sources(n, num_blocks, ALIGN), dtype=torch.int64, device=device)
+
+
+@functools.cache
+def _band_data_positions(n: int, num_blocks: int, device: torch.device) -> torch.Tensor:
+    # the positions of the padded band layout that hold data (not padding), in sorted order
+    starts = padded_band_starts(n, num_blocks, ALIGN)
+    positions = [starts[k] + i for k, (lo, hi) in enumerate(block_bounds(n, num_blocks)) for i in range(hi - lo)]
+    return torch.tensor(positions, dtype=torch.int64, device=device)
+
+
+def gather_bands(t: torch.Tensor, order: torch.Tensor, num_blocks: int, dim: int = 1) -> torch.Tensor:
+    """``t`` gathered along ``dim`` by ``order`` into the padded band layout (band k starts at a multiple of 16)."""
+    index = order.index_select(0, _band_sources(order.numel(), num_blocks, order.device))
+    return t.index_select(dim, index)
+
+
+def _rank_chunk(rank: int) -> int:
+    """Ranks per dot step: the padded rank up to RANK_CHUNK_MAX (larger fp32 tiles spill; see KERNEL_CONFIGS)."""
+    return min(configs._rank_pad(rank), RANK_CHUNK_MAX)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee"  # fp32 operands: exact FMA products (a small pass, no tensor cores needed); 16-bit: unused
+
+
+def delta_blocks(
+    weight: torch.Tensor,
+    a_bands: torch.Tensor | None,
+    b_bands: torch.Tensor | None,
+    orders: Orders,
+    num_blocks: int,
+    scale: float,
+) -> torch.Tensor:
+    """``s·ΔW_k`` for all K blocks in one launch: a (d_out × ldw) buffer in the activation dtype whose rows follow the
+    row order and whose block k is ``[r0_k:r1_k, :|C_k|]`` (the transient: ≈ D²/K elements). ``a_bands=None``: the
+    anchors ``M_k`` themselves, in the same layout."""
+    d_out, d_in = weight.shape
+    anchor_only = a_bands is None
+    if anchor_only:  # the factor pointers are not read
+        a_bands, b_bands, scale = weight, weight, 1.0
+    rank = 0 if anchor_only else a_bands.shape[0]
+    max_rows, max_cols = -(-d_out // num_blocks), -(-d_in // num_blocks)
+    delta = torch.empty((d_out, _round_up(max_cols)), dtype=weight.dtype, device=weight.device)
+
+    def grid(meta):
+        return (triton.cdiv(max_rows, meta["BLOCK_I"]) * triton.cdiv(max_cols, meta["BLOCK_J"]), num_blocks)
+
+    configs.launch(
+        "delta_blocks",
+        grid,
+        weight,
+        a_bands,
+        b_bands,
+        orders.row,
+        orders.col,
+        delta,
+        orders.flag,
+        d_out,
+        d_in,
+        rank,
+        num_blocks,
+        float(scale),
+        weight.stride(0),
+        weight.stride(1),
+        a_bands.stride(0),
+        a_bands.stride(1),
+        b_bands.stride(0),
+        b_bands.stride(1),
+        delta.stride(0),
+        ALIGN_C=ALIGN,
+        RANK_PAD=configs._rank_pad(rank),
+        RANK_CHUNK=_rank_chunk(rank),
+        DOT_PRECISION=_dot_precision(a_bands.dtype),
+        ANCHOR_ONLY=anchor_only,
+    )
+    return delta
+
+
+def scatter(zt: torch.Tensor, inv_order: torch.Tensor, n_rows: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """``out[n, c] = zt[inv_order[c], n] (+ bias[c])``, a fresh contiguous (n_rows × d) tensor in zt's dtype."""
+    d = inv_order.numel()
+    out = torch.empty((n_rows, d), dtype=zt.dtype, device=zt.device)
+
+    def grid(meta):
+        return (triton.cdiv(n_rows, meta["BLOCK_N"]), triton.cdiv(d, meta["BLOCK_C"]))
+
+    configs.launch(
+        "scatter",
+        grid,
+        zt,
+        out,
+        bias if bias is not None else out,
+        inv_order,
+        n_rows,
+        d,
+        configs._n_bucket(n_rows),
+        zt.stride(0),
+        out.stride(0),
+        HAS_BIAS=bias is not None,
+    )
+    return out
+
+
+def _forward_product(delta: torch.Tensor, xa_bands: torch.Tensor, d_in: int, num_blocks: int) -> torch.Tensor:
+    """``Zᵀ[R_k] = s·ΔW_k · x_band,kᵀ`` per block by the vendor library (d_out × ldN, rows in row order)."""
+    n_rows, d_out = xa_bands.shape[0], delta.shape[0]
+    zt = torch.empty((d_out, _round_up(n_rows)), dtype=xa_bands.dtype, device=xa_bands.device)
+    starts = padded_band_starts(d_in, num_blocks, ALIGN)
+    for k, ((r0, r1), (c0, c1)) in enumerate(zip(block_bounds(d_out, num_blocks), block_bounds(d_in, num_blocks))):
+        band = xa_bands[:, starts[k] : starts[k] + (c1 - c0)]  # N × |C_k|, 16-aligned start
+        torch.mm(delta[r0:r1, : c1 - c0], band.t(), out=zt[r0:r1, :n_rows])
+    return zt
+
+
+def _input_grad_product(delta: torch.Tensor, dy_bands: torch.Tensor, d_in: int, num_blocks: int) -> torch.Tensor:
+    """``Uᵀ[C_k] = s·ΔW_kᵀ · dy_band,kᵀ`` per block by the vendor library (d_in × ldN, rows in column order)."""
+    n_rows, d_out = dy_bands.shape[0], delta.shape[0]
+    ut = torch.empty((d_in, _round_up(n_rows)), dtype=dy_bands.dtype, device=dy_bands.device)
+    starts = padded_band_starts(d_out, num_blocks, ALIGN)
+    for k, ((r0, r1), (c0, c1)) in enumerate(zip(block_bounds(d_out, num_blocks), block_bounds(d_in, num_blocks))):
+        band = dy_bands[:, starts[k] : starts[k] + (r1 - r0)]  # N × |R_k|
+        torch.mm(delta[r0:r1, : c1 - c0].t(), band.t(), out=ut[c0:c1, :n_rows])
+    return ut
+
+
+def permuted_factors(
+    lora_A: torch.Tensor, lora_B: torch.Tensor, orders: Orders, num_blocks: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Â[:, col_order] in the padded band layout, B̂[row_order])`` in fp32 (tiny: r_k·D; every kernel forms its
+    products in fp32). Computed once per op call: cached on ``orders``, which lives for one call only."""
+    cached = orders.factor_bands
+    if cached is not None and cached[0] is lora_A and cached[1] is lora_B:
+        return cached[2], cached[3]
+    a_bands = gather_bands(lora_A, orders.col, num_blocks, dim=1).float()
+    b_bands = lora_B.index_select(0, orders.row).float()
+    orders.factor_bands = (lora_A, lora_B, a_bands, b_bands)
+    return a_bands, b_bands
+
+
+def blocked_forward(
+    x: torch.Tensor,
+    x_adapter: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    orders: Orders,
+    num_blocks: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, x_band)``: ``y = x W0ᵀ + b + s·x_a ΔWᵀ`` with the adapter on the diagonal blocks only; ``x_band`` is
+    ``x_a`` gathered into the padded band layout (what the factor gradient reads; saved for backward)."""
+    n_rows, d_in = x.shape
+    xa = x if x_adapter is None else x_adapter
+    xa_bands = gather_bands(xa, orders.col, num_blocks)
+    if n_rows == 0 or lora_A.shape[0] == 0:
+        return torch.nn.functional.linear(x, weight, bias), xa_bands
+    a_bands, b_bands = permuted_factors(lora_A, lora_B, orders, num_blocks)
+    delta = delta_blocks(weight, a_bands, b_bands, orders, num_blocks, scale)
+    zt = _forward_product(delta, xa_bands, d_in, num_blocks)
+    del delta  # the ΔW transient lives only for the K block GEMMs
+    y = scatter(zt, orders.inv_row, n_rows, bias)
+    del zt
+    # the base term last, through cuBLAS's C input: x W0ᵀ + (adapter + b), accumulated in fp32 and rounded once
+    y.addmm_(x, weight.t())
+    return y, xa_bands
+
+
+def blocked_input_grads(
+    grad_out: torch.Tensor,
+    dy_bands: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    orders: Orders,
+    num_blocks: int,
+    scale: float,
+    *,
+    adapter_is_x: bool,
+    need_x: bool,
+    need_xa: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(dx, dx_a)``: ``dx = dY W0 (+ s·dY ΔW when x_a is x)``, ``dx_a = s·dY ΔW`` (dropout), diagonal blocks only."""
+    n_rows = grad_out.shape[0]
+    d_in = weight.shape[1]
+    need_adapter = need_xa or (adapter_is_x and need_x)
+    if not need_adapter:
+        return (grad_out @ weight if need_x else None), None
+    if n_rows == 0 or lora_A.shape[0] == 0:
+        adapter = grad_out.new_zeros((n_rows, d_in))
+    else:
+        a_bands, b_bands = permuted_factors(lora_A, lora_B, orders, num_blocks)
+        delta = delta_blocks(weight, a_bands, b_bands, orders, num_blocks, scale)
+        ut = _input_grad_product(delta, dy_bands, d_in, num_blocks)
+        del delta
+        adapter = scatter(ut, orders.inv_col, n_rows, None)
+        del ut
+    if adapter_is_x:
+        return adapter.addmm_(grad_out, weight), None
+    return (grad_out @ weight if need_x else None), adapter
+
+
+def _fp32_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` with fp32 output and accumulation: 16-bit inputs on CUDA through ``torch.mm(..., out_dtype=float32)``
+    (cuBLAS, fp32 accumulate, no input copies); elsewhere (the CPU interpreter tests) through fp32 copies."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, NotImplementedError):  # a build without the fp32-output kernel (not seen; be safe)
+            pass
+    return torch.mm(a.float(), b.float())
+
+
+def factor_grads(
+    dy_bands: torch.Tensor,
+    xa_bands: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    orders: Orders,
+    num_blocks: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dÂ, dB̂)`` in the factors' dtype: per block ``G_k`` by the vendor GEMM (fp32), then the fused epilogue."""
+    d_out, d_in = weight.shape
+    rank = lora_A.shape[0]
+    n_rows = dy_bands.shape[0]
+    if n_rows == 0 or rank == 0:
+        return torch.zeros_like(lora_A), torch.zeros_like(lora_B)
+    a_bands, b_bands = permuted_factors(lora_A, lora_B, orders, num_blocks)
+    grad_a_bands = torch.empty_like(a_bands)  # padding columns stay unread
+    grad_b_bands = torch.empty_like(b_bands)
+    row_starts = padded_band_starts(d_out, num_blocks, ALIGN)
+    col_starts = padded_band_starts(d_in, num_blocks, ALIGN)
+    # The anchors M_k gathered once, contiguous (the same transient slot as ΔW_k, which is freed by now), so that the
+    # epilogue's main loop reads them with vector loads instead of gathering W0 element by element.
+    anchors = delta_blocks(weight, None, None, orders, num_blocks, 1.0)
+    for k, ((r0, r1), (c0, c1)) in enumerate(zip(block_bounds(d_out, num_blocks), block_bounds(d_in, num_blocks))):
+        rows_k, cols_k = r1 - r0, c1 - c0
+        dy_k = dy_bands[:, row_starts[k] : row_starts[k] + rows_k]
+        xa_k = xa_bands[:, col_starts[k] : col_starts[k] + cols_k]
+        g = _fp32_mm(dy_k.t(), xa_k)  # |R_k| × |C_k|, fp32, contiguous
+        tiles = triton.cdiv(rows_k, EPILOGUE_BLOCK_O)
+        da_part = torch.empty((tiles, rank, cols_k), dtype=torch.float32, device=g.device)
+        a_k = a_bands[:, col_starts[k] : col_starts[k] + cols_k]
+        b_k = b_bands[r0:r1]
+        db_k = grad_b_bands[r0:r1]
+        configs.launch(
+            "factor_epilogue",
+            (tiles, triton.cdiv(configs._rank_pad(rank), _rank_chunk(rank))),
+            g,
+            anchors[r0:r1],
+            a_k,
+            b_k,
+            db_k,
+            da_part,
+            rows_k,
+            cols_k,
+            rank,
+            float(scale),
+            g.stride(0),
+            anchors.stride(0),
+            a_k.stride(0),
+            b_k.stride(0),
+            db_k.stride(0),
+            da_part.stride(0),
+            da_part.stride(1),
+            RANK_CHUNK=_rank_chunk(rank),
+            BLOCK_O=EPILOGUE_BLOCK_O,
+        )
+        del g
+        grad_a_bands[:, col_starts[k] : col_starts[k] + cols_k] = da_part.sum(0)
+    # back to original coordinates (tiny, r_k·D): the bands' data columns are the sorted order itself
+    data = _band_data_positions(d_in, num_blocks, weight.device)
+    nan = float("nan")  # every element is written when the orders are permutations (otherwise all is NaN anyway)
+    grad_A = torch.full(lora_A.shape, nan, dtype=torch.float32, device=lora_A.device)
+    grad_A[:, orders.col] = grad_a_bands.index_select(1, data)
+    grad_B = torch.full(lora_B.shape, nan, dtype=torch.float32, device=lora_B.device)
+    grad_B[orders.row] = grad_b_bands
+    return grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype)
