@@ -337,6 +337,11 @@ def prepare_orders(row_order: torch.Tensor, col_order: torch.Tensor) -> Orders:
     row, col = torch.empty_like(row_order), torch.empty_like(col_order)
     inv_row, inv_col = torch.empty_like(row_order), torch.empty_like(col_order)
     configs.launch("orders", (1,), flag, row_order, col_order, row, col, inv_row, inv_col, row.numel(), col.numel())
+    if configs.capturing():  # the launch was only recorded; later host-side index_selects need real permutations
+        flag.fill_(1.0)
+        for order, clamped, inverse in ((row_order, row, inv_row), (col_order, col, inv_col)):
+            clamped.copy_(order.clamp(0, order.numel() - 1))
+            inverse.scatter_(0, clamped, torch.arange(order.numel(), device=order.device, dtype=order.dtype))
     return Orders(row, col, inv_row, inv_col, flag)
 
 

@@ -195,6 +195,12 @@ def capture_launches() -> Iterator[list[Launch]]:
         _CAPTURE.pop()
 
 
+def capturing() -> bool:
+    """True inside :func:`capture_launches` (kernels do not run: a launcher whose outputs feed host-side indexing
+    must fill them another way there)."""
+    return bool(_CAPTURE)
+
+
 def launch(name: str, grid, *args, **constexprs) -> None:
     """THE launch point of every kernel: one config (interpreter, deterministic mode) or the autotuned list."""
     if _CAPTURE:
