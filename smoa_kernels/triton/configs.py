@@ -41,15 +41,19 @@ MIN_DOT = 16  # tl.dot needs every block dimension >= 16 on the GPU
 # shipped.
 _HALF, _FP32 = ("fp16", "bf16"), ("fp32",)
 KERNEL_CONFIGS: dict[str, list[dict]] = {
-    # Chosen with tools/aot_compile_check.py. On sm_80 ptxas caps 8-warp programs at 128 registers, so 16-bit tiles use
-    # 4 warps where they can; fp32 tiles are twice as large in registers and its 3×TF32 dots need BLOCK_R = 16 (with
-    # BLOCK_R = 32 every fp32 tile spills on sm_80). Pruned for spilling: 64×128×32/4 warps (8 B with fp32 factors),
-    # 64×64×16/4 warps and 64×128×16/8 warps in fp32, 128×64×16/4 warps (up to 360 B).
+    # The fused single-pass GEMM (smoa_kernels/triton/fused.py), chosen from the SASS of the launched specialisation
+    # (see the README, "The fused small-N kernel"). Small N first after the two defaults: 32-row output tiles compile
+    # to mma.sync on sm_90 too (no wgmma, so no warpgroup wait at all in the loop); 64×16 keeps wgmma for N ≤ 16.
+    # 64×32 tiles are not shipped: ptxas serialises their wgmmas (C7515).
     "gemm": [
         {"BLOCK_O": 64, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 4, "num_stages": 3, "dtypes": _HALF},
         {"BLOCK_O": 128, "BLOCK_N": 64, "BLOCK_R": 16, "GROUP_O": 8, "num_warps": 8, "num_stages": 3, "dtypes": _FP32},
+        {"BLOCK_O": 32, "BLOCK_N": 32, "BLOCK_R": 64, "GROUP_O": 8, "num_warps": 4, "num_stages": 4, "dtypes": _HALF},
+        {"BLOCK_O": 32, "BLOCK_N": 16, "BLOCK_R": 64, "GROUP_O": 8, "num_warps": 4, "num_stages": 4, "dtypes": _HALF},
+        {"BLOCK_O": 64, "BLOCK_N": 16, "BLOCK_R": 128, "GROUP_O": 8, "num_warps": 4, "num_stages": 4, "dtypes": _HALF},
         {"BLOCK_O": 128, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 4, "num_stages": 3, "dtypes": _HALF},
         {"BLOCK_O": 128, "BLOCK_N": 128, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 8, "num_stages": 3, "dtypes": _HALF},
+        {"BLOCK_O": 32, "BLOCK_N": 32, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 4, "num_stages": 3, "dtypes": _FP32},
     ],
     # Permuted-coordinate adapter GEMM (no base dot, no block mask). Its W0 sub-tiles and output tiles are addressed by
     # loaded index vectors, i.e. one 64-bit pointer per element, which costs registers the "gemm" tiles do not pay: the
@@ -105,7 +109,9 @@ KERNEL_SOURCES = {
     "factor_grad": ("smoa_kernels.triton.factor_grad", "_smoa_factor_grad_kernel"),
 }
 _AUTOTUNE_KEYS = {
-    "gemm": ["d_out", "d_red", "n_bucket", "rank"],
+    # Every constexpr that changes the fused GEMM's code is in its key (dX on a square layer must not reuse the
+    # forward's config); the activation dtype is added by triton.autotune itself.
+    "gemm": ["d_out", "d_red", "n_bucket", "RANK_PAD", "HAS_BASE", "XA_IS_X", "HAS_BIAS", "MERGED", "W_T", "DOT_PRECISION"],
     "perm_adapter": ["d_out", "d_red", "n_bucket", "rank", "num_blocks"],
     "factor_grad": ["d_out", "d_in", "n_bucket", "rank"],
 }
