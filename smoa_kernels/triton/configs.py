@@ -41,19 +41,20 @@ MIN_DOT = 16  # tl.dot needs every block dimension >= 16 on the GPU
 # shipped.
 _HALF, _FP32 = ("fp16", "bf16"), ("fp32",)
 KERNEL_CONFIGS: dict[str, list[dict]] = {
-    # The fused single-pass GEMM (smoa_kernels/triton/fused.py), chosen from the SASS of the launched specialisation
-    # (see the README, "The fused small-N kernel"). Small N first after the two defaults: 32-row output tiles compile
-    # to mma.sync on sm_90 too (no wgmma, so no warpgroup wait at all in the loop); 64×16 keeps wgmma for N ≤ 16.
-    # 64×32 tiles are not shipped: ptxas serialises their wgmmas (C7515).
+    # The fused single-pass GEMM (smoa_kernels/triton/fused.py), chosen from the SASS of the specialisation the JIT
+    # launches (README, "The fused small-N kernel"). Small N first: 32-row output tiles compile to mma.sync on sm_90 as
+    # on sm_80, so their main loop has no warpgroup wait at all (a wgmma rank product must be drained before its
+    # Hadamard, and ptxas serialises the transposed pass's wgmmas, C7515); the wgmma tiles are for larger N. 64×32
+    # wgmma tiles are not shipped (ptxas serialises them in the forward too).
     "gemm": [
-        {"BLOCK_O": 64, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 4, "num_stages": 3, "dtypes": _HALF},
-        {"BLOCK_O": 128, "BLOCK_N": 64, "BLOCK_R": 16, "GROUP_O": 8, "num_warps": 8, "num_stages": 3, "dtypes": _FP32},
         {"BLOCK_O": 32, "BLOCK_N": 32, "BLOCK_R": 64, "GROUP_O": 8, "num_warps": 4, "num_stages": 4, "dtypes": _HALF},
+        {"BLOCK_O": 32, "BLOCK_N": 32, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 4, "num_stages": 3, "dtypes": _FP32},
         {"BLOCK_O": 32, "BLOCK_N": 16, "BLOCK_R": 64, "GROUP_O": 8, "num_warps": 4, "num_stages": 4, "dtypes": _HALF},
-        {"BLOCK_O": 64, "BLOCK_N": 16, "BLOCK_R": 128, "GROUP_O": 8, "num_warps": 4, "num_stages": 4, "dtypes": _HALF},
+        {"BLOCK_O": 32, "BLOCK_N": 64, "BLOCK_R": 64, "GROUP_O": 8, "num_warps": 4, "num_stages": 4, "dtypes": _HALF},
+        {"BLOCK_O": 64, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 4, "num_stages": 3, "dtypes": _HALF},
         {"BLOCK_O": 128, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 4, "num_stages": 3, "dtypes": _HALF},
         {"BLOCK_O": 128, "BLOCK_N": 128, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 8, "num_stages": 3, "dtypes": _HALF},
-        {"BLOCK_O": 32, "BLOCK_N": 32, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 4, "num_stages": 3, "dtypes": _FP32},
+        {"BLOCK_O": 128, "BLOCK_N": 64, "BLOCK_R": 16, "GROUP_O": 8, "num_warps": 8, "num_stages": 3, "dtypes": _FP32},
     ],
     # Permuted-coordinate adapter GEMM (no base dot, no block mask). Its W0 sub-tiles and output tiles are addressed by
     # loaded index vectors, i.e. one 64-bit pointer per element, which costs registers the "gemm" tiles do not pay: the

@@ -77,9 +77,9 @@ def _smoa_gemm_kernel(
         p = tl.dot(u, v, input_precision=DOT_PRECISION)
         w = tl.load(w_ptrs, mask=mask_o[:, None] & mask_r[None, :], other=0.0)
         x_t = tl.load(x_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        delta = p * w.to(tl.float32)
+        delta = p.to(dot_dtype) * w
         if MERGED:
-            acc = tl.dot((w.to(tl.float32) + delta).to(dot_dtype), x_t, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(w + delta, x_t, acc, input_precision=DOT_PRECISION)
         else:
             if HAS_BASE:
                 acc = tl.dot(w, x_t, acc, input_precision=DOT_PRECISION)
@@ -87,7 +87,7 @@ def _smoa_gemm_kernel(
                 xa_t = x_t
             else:
                 xa_t = tl.load(xa_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-            acc_d = tl.dot(delta.to(dot_dtype), xa_t, acc_d, input_precision=DOT_PRECISION)
+            acc_d = tl.dot(delta, xa_t, acc_d, input_precision=DOT_PRECISION)
         v_ptrs += BLOCK_R
         w_ptrs += BLOCK_R * stride_wr
         x_ptrs += BLOCK_R * stride_xr
