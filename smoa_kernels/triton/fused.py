@@ -71,6 +71,7 @@ def _smoa_gemm_kernel(
 
     acc = tl.full((BLOCK_O, BLOCK_N), 0.0, tl.float32)
     acc_d = tl.full((BLOCK_O, BLOCK_N), 0.0, tl.float32)
+    tl.assume(d_red > 0)  # the launcher never launches d_red = 0: no zero-trip path (ptxas C7515 serialised it)
     for r_start in range(0, d_red, BLOCK_R):
         mask_r = offs_k < d_red - r_start
         v = tl.load(v_ptrs, mask=mask_r[None, :], other=0.0)
@@ -81,13 +82,13 @@ def _smoa_gemm_kernel(
         if MERGED:
             acc = tl.dot(w + delta, x_t, acc, input_precision=DOT_PRECISION)
         else:
-            if HAS_BASE:
-                acc = tl.dot(w, x_t, acc, input_precision=DOT_PRECISION)
             if XA_IS_X:
                 xa_t = x_t
             else:
                 xa_t = tl.load(xa_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
             acc_d = tl.dot(delta, xa_t, acc_d, input_precision=DOT_PRECISION)
+            if HAS_BASE:
+                acc = tl.dot(w, x_t, acc, input_precision=DOT_PRECISION)
         v_ptrs += BLOCK_R
         w_ptrs += BLOCK_R * stride_wr
         x_ptrs += BLOCK_R * stride_xr
@@ -145,8 +146,10 @@ def _gemm(
         d_out, d_red = weight.shape
         stride_wo, stride_wr = weight.stride(0), weight.stride(1)
     out = torch.empty((n_rows, d_out), dtype=x.dtype, device=x.device)
-    if n_rows == 0:
+    if n_rows == 0 or d_out == 0:
         return out
+    if d_red == 0:  # an empty reduction: the kernel assumes at least one iteration
+        return out.copy_((bias if bias is not None else out.new_zeros(d_out)).expand(n_rows, d_out))
     if num_blocks is None:
         num_blocks = int(max(int(ids_out.max()), int(ids_red.max()))) + 1 if ids_out.numel() else 1
     rank = out_factor.shape[1]
