@@ -102,21 +102,21 @@ def _gemm_source(jit_fn, job: Job):
     from triton.compiler import ASTSource
 
     flags = GEMM_VARIANTS[job.variant]
-    act, factor = f"*{_storage(job.act)}", f"*{job.factor}"
+    act = f"*{_storage(job.act)}"
+    # The launcher passes block-extended factors U, V in the activation dtype (smoa_kernels/triton/fused.py).
     signature = {
-        "X": act, "XA": act, "OUT": act, "BIAS": act, "W": act, "U": factor, "V": factor,
-        "IDS_OUT": "*i32", "IDS_RED": "*i32",
-        "n_rows": "i32", "d_out": "i32", "d_red": "i32", "rank": "i32", "n_bucket": "i32", "scale": "fp32",
+        "X": act, "XA": act, "OUT": act, "BIAS": act, "W": act, "U": act, "V": act,
+        "n_rows": "i32", "d_out": "i32", "d_red": "i32", "rank": "i32", "n_bucket": "i32",
     }  # fmt: skip
-    # Contiguous tensors: x, x_a, out, W0 (d_out×d_in), B̂ (d_out×r_k), Â (r_k×d_in). Unit strides are specialised to
-    # the constant 1 by the JIT; which ones depends on whether the pass reads W0 / the factors transposed (dX).
+    # Contiguous tensors: x, x_a, out, W0 (d_out×d_in), U, V. Unit strides are specialised to the constant 1 by the
+    # JIT; which W0 stride is unit depends on whether the pass reads W0 transposed (dX).
     if flags["transpose"]:
-        unit = {"stride_xr", "stride_xar", "stride_oo", "stride_wo", "stride_uo", "stride_vt"}
+        unit = {"stride_xr", "stride_xar", "stride_oo", "stride_wo"}
     else:
-        unit = {"stride_xr", "stride_xar", "stride_oo", "stride_wr", "stride_ut", "stride_vr"}
+        unit = {"stride_xr", "stride_xar", "stride_oo", "stride_wr"}
     strides = [
         "stride_xn", "stride_xr", "stride_xan", "stride_xar", "stride_on", "stride_oo",
-        "stride_wo", "stride_wr", "stride_uo", "stride_ut", "stride_vt", "stride_vr",
+        "stride_wo", "stride_wr", "stride_uo", "stride_vt",
     ]  # fmt: skip
     constexprs = {}
     for name in strides:
@@ -125,14 +125,14 @@ def _gemm_source(jit_fn, job: Job):
             constexprs[name] = 1
     meta = config_meta(job.config)
     const_flags = {k: v for k, v in flags.items() if k != "transpose"}
+    const_flags["W_T"] = flags["transpose"]
     precision = {"DOT_PRECISION": _precision(job.act), "RANK_PAD": job.rank_pad}
     for name, value in {**const_flags, **precision, **meta}.items():
         signature[name] = "constexpr"
         constexprs[name] = value
-    # Pointers are 16-byte aligned; row strides (d_in, d_out, r_k multiples of 16 in the large shapes) divisible by 16.
-    divisible = [n for n, t in signature.items() if t.startswith("*")] + [
-        n for n in strides if n not in unit and n not in ("stride_uo", "stride_vt", "stride_ut", "stride_vr")
-    ]
+    # Pointers are 16-byte aligned; row strides (d_in, d_out multiples of 16 in the large shapes; U's RANK_PAD and V's
+    # padded d_red by construction) divisible by 16.
+    divisible = [n for n, t in signature.items() if t.startswith("*")] + [n for n in strides if n not in unit]
     return ASTSource(fn=jit_fn, signature=signature, constexprs=constexprs, attrs=_attrs(jit_fn, divisible))
 
 

@@ -43,15 +43,16 @@ _HALF, _FP32 = ("fp16", "bf16"), ("fp32",)
 KERNEL_CONFIGS: dict[str, list[dict]] = {
     # The fused single-pass GEMM (smoa_kernels/triton/fused.py), chosen from the SASS of the specialisation the JIT
     # launches (README, "The fused small-N kernel"). Small N first: 32-row output tiles compile to mma.sync on sm_90 as
-    # on sm_80, so their main loop has no warpgroup wait at all (a wgmma rank product must be drained before its
-    # Hadamard, and ptxas serialises the transposed pass's wgmmas, C7515); the wgmma tiles are for larger N. 64×32
-    # wgmma tiles are not shipped (ptxas serialises them in the forward too).
+    # on sm_80, so their main loop has no warpgroup wait at all; the 64/128-row tiles use wgmma (one wait per
+    # iteration, for the rank product that the Hadamard needs) and are meant for larger N. The first entry per dtype is
+    # the interpreter's / deterministic mode's single config (the same BLOCK_N for 16-bit and fp32).
     "gemm": [
         {"BLOCK_O": 32, "BLOCK_N": 32, "BLOCK_R": 64, "GROUP_O": 8, "num_warps": 4, "num_stages": 4, "dtypes": _HALF},
         {"BLOCK_O": 32, "BLOCK_N": 32, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 4, "num_stages": 3, "dtypes": _FP32},
         {"BLOCK_O": 32, "BLOCK_N": 16, "BLOCK_R": 64, "GROUP_O": 8, "num_warps": 4, "num_stages": 4, "dtypes": _HALF},
         {"BLOCK_O": 32, "BLOCK_N": 64, "BLOCK_R": 64, "GROUP_O": 8, "num_warps": 4, "num_stages": 4, "dtypes": _HALF},
         {"BLOCK_O": 64, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 4, "num_stages": 3, "dtypes": _HALF},
+        {"BLOCK_O": 64, "BLOCK_N": 32, "BLOCK_R": 64, "GROUP_O": 8, "num_warps": 4, "num_stages": 4, "dtypes": _HALF},
         {"BLOCK_O": 128, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 4, "num_stages": 3, "dtypes": _HALF},
         {"BLOCK_O": 128, "BLOCK_N": 128, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 8, "num_stages": 3, "dtypes": _HALF},
         {"BLOCK_O": 128, "BLOCK_N": 64, "BLOCK_R": 16, "GROUP_O": 8, "num_warps": 8, "num_stages": 3, "dtypes": _FP32},
@@ -109,10 +110,11 @@ KERNEL_SOURCES = {
     "perm_adapter": ("smoa_kernels.triton.permuted", "_smoa_perm_adapter_kernel"),
     "factor_grad": ("smoa_kernels.triton.factor_grad", "_smoa_factor_grad_kernel"),
 }
+_GEMM_CODE_FLAGS = ("HAS_BASE", "XA_IS_X", "HAS_BIAS", "MERGED", "W_T", "DOT_PRECISION")
 _AUTOTUNE_KEYS = {
     # Every constexpr that changes the fused GEMM's code is in its key (dX on a square layer must not reuse the
     # forward's config); the activation dtype is added by triton.autotune itself.
-    "gemm": ["d_out", "d_red", "n_bucket", "RANK_PAD", "HAS_BASE", "XA_IS_X", "HAS_BIAS", "MERGED", "W_T", "DOT_PRECISION"],
+    "gemm": ["d_out", "d_red", "n_bucket", "RANK_PAD", *_GEMM_CODE_FLAGS],
     "perm_adapter": ["d_out", "d_red", "n_bucket", "rank", "num_blocks"],
     "factor_grad": ["d_out", "d_in", "n_bucket", "rank"],
 }

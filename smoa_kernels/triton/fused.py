@@ -1,5 +1,31 @@
-"""The fused single-pass SMoA GEMM (original coordinates): forward ``y = x W0ᵀ + b + s·x_a ΔWᵀ`` and dX, with the ΔW
-tile generated in registers from the W0 tile the GEMM loads anyway (see the package docstring)."""
+"""The fused single-pass SMoA GEMM for small N (original coordinates): one pass over W0 per call.
+
+Math. Forward ``y = x W0ᵀ + b + s·x_a ΔWᵀ`` with ``ΔW = (B̂ Â) ⊙ W0 ⊙ [blk_row[o] == blk_col[c]]`` (SPEC §3); dX
+``dY (W0 + s·ΔW)`` with the same tensors read through swapped strides; ``has_base=False`` gives ``s·dY ΔW`` alone (the
+dropout case's dX_a); ``merged=True`` forms ``W0 + s·ΔW`` before one dot. Per output tile the kernel streams W0 tiles
+(BLOCK_O × BLOCK_R) and activation tiles, and generates the s·ΔW tile in registers from the W0 tile it loads anyway.
+
+Design (what makes the loop cheap):
+- Block-extended factors, built once per call by the launcher in the activation dtype: ``U[o, k·r_k + t] =
+  s·B̂[o, t]·[blk_row[o] = k]`` (d_out × RANK_PAD) and ``V[k·r_k + t, c] = Â[t, c]·[blk_col[c] = k]`` (RANK_PAD ×
+  d_red, rows padded to 16 elements), zero-padded to RANK_PAD = next_pow2(max(K·r_k, 16)). Then ``U V = s·(B̂Â) ⊙
+  blockmask`` exactly, so the loop has no block ids, no compare/select, no scale multiply and no fp32 → 16-bit
+  conversion of factor tiles; every load is a contiguous, 16-byte aligned row (cp.async, no scalar 16-bit loads).
+  Price: the rank product has K·r_k (= the total rank r) instead of r_k columns: r/(2·BLOCK_N) of the main dots'
+  tensor-core work, hidden at small N, where W0 traffic bounds the kernel.
+- Per iteration: ``P = U_tile · V_tile`` (one small dot), ``Δ = P ⊙ W0_tile`` in the activation dtype (packed
+  HMUL2: P and the product are each rounded once, so the tile's error is relative to ΔW, not to W0), then
+  ``acc += W0_tile · xᵀ`` and ``acc_Δ += Δ · x_aᵀ`` into two accumulators. Two accumulators make both big dots
+  "properly async" for Triton's wgmma pipeliner (a dot whose result feeds another dot in the same iteration gets a
+  full drain after it); they are summed after the loop.
+- Small-N tiles (32 output rows) compile to mma.sync on sm_90 as on sm_80: no warpgroup waits at all. The 64/128-row
+  tiles use wgmma and keep one drain per iteration: the rank product's result feeds the Hadamard, which Triton 3.9
+  only allows after ``wgmma.wait_group 0``.
+- ``tl.assume(d_red > 0)``: without it the zero-trip path initialises the accumulators outside the loop and ptxas
+  serialises every wgmma of the transposed pass (C7515). The launcher handles d_red = 0 itself.
+The measured static figures (registers, spills, CTAs/SM, MMA and other instructions per iteration, waits) are in the
+README, "The fused small-N kernel".
+"""
 
 from __future__ import annotations
 
@@ -44,7 +70,11 @@ def _smoa_gemm_kernel(
     BLOCK_R: tl.constexpr,
     GROUP_O: tl.constexpr,
 ):
-    """``OUT[n,o] = Σ_r X[n,r] W[o,r] + Σ_r XA[n,r] (P[o,r] W[o,r]) + bias[o]`` with ``P = U V`` (see module doc)."""
+    """``OUT[n,o] = Σ_r X[n,r] W[o,r] + Σ_r XA[n,r] P[o,r] W[o,r] + bias[o]``, ``P = U V`` (module docstring).
+
+    Forward: (X, W, U, V) = (x, W0, U(B̂), V(Â)); dX: (dY, W0ᵀ via strides, U(Âᵀ), V(B̂ᵀ)). ``rank`` (r_k) is only
+    read by the autotuner's pruning; ``W_T`` (W read transposed) and the other flags are in the autotune key.
+    """
     pid = tl.program_id(0)
     num_pid_o = (d_out + BLOCK_O - 1) // BLOCK_O
     num_pid_n = (n_rows + BLOCK_N - 1) // BLOCK_N
@@ -105,7 +135,8 @@ def _smoa_gemm_kernel(
 
 
 def _block_factors(out_factor, red_factor, ids_out, ids_red, scale, num_blocks, rank_pad, dtype, red_pad):
-    """U (d_out × rank_pad) and V (rank_pad × red_pad): ``U V = s·(B̂ Â) ⊙ [ids_out == ids_red]`` (zero-padded)."""
+    """The block-extended factors (module docstring): U (d_out × rank_pad), V (rank_pad × red_pad), contiguous, in
+    ``dtype``, with ``U V[:, :d_red] = s·(out_factor red_factor) ⊙ [ids_out == ids_red]`` and zeros elsewhere."""
     d_out, rank = out_factor.shape
     d_red = red_factor.shape[1]
     u = torch.zeros((d_out, rank_pad), dtype=dtype, device=out_factor.device)
@@ -136,7 +167,11 @@ def _gemm(
     num_blocks: int | None = None,
 ) -> torch.Tensor:
     """Launch ``_smoa_gemm_kernel``. ``transpose=False``: forward (weight d_out×d_in, out_factor B̂ d_out×r_k,
-    red_factor Â r_k×d_in). ``transpose=True``: dX (same tensors, read through swapped strides)."""
+    red_factor Â r_k×d_in, ids = blk_row / blk_col). ``transpose=True``: dX (same tensors, read through swapped
+    strides; pass Â, B̂, blk_col, blk_row). ``num_blocks`` (K): pass it to avoid a device-to-host sync (``ids.max()``).
+
+    Per call (no per-tile work): the block-extended factors U, V (module docstring) in the activation dtype, and x /
+    x_a made contiguous if their last stride is not 1 (N·d elements, small next to W0 at small N)."""
     n_rows = x.shape[0]
     if transpose:
         d_out, d_red = weight.shape[1], weight.shape[0]

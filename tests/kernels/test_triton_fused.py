@@ -19,10 +19,10 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed: the fused kernel cannot run")
 
-from smoa_kernels.blocks import block_ids  # noqa: E402
-from smoa_kernels.reference import dense_delta_weight, smoa_linear_reference  # noqa: E402
-from smoa_kernels.triton import configs  # noqa: E402
-from smoa_kernels.triton.fused import _gemm  # noqa: E402
+from smoa_kernels.blocks import block_ids
+from smoa_kernels.reference import dense_delta_weight, smoa_linear_reference
+from smoa_kernels.triton import configs
+from smoa_kernels.triton.fused import _gemm
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
