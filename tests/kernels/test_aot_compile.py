@@ -45,8 +45,9 @@ def test_default_configs_compile_without_spills():
     table = aot.format_table(results)
     assert not aot.failures(results), table
     assert all(r.registers > 0 and r.shared > 0 for r in results), table
-    # Hopper should get warpgroup MMA for the 16-bit GEMMs
-    assert all(r.wgmma for r in results if r.job.arch == 90 and r.job.act == "bf16"), table
+    # Hopper should get warpgroup MMA for the 16-bit GEMMs; the fused GEMM's small-N default (32-row tiles) compiles
+    # to mma.sync by design (no warpgroup waits in its loop; README, "The fused small-N kernel")
+    assert all(r.wgmma for r in results if r.job.arch == 90 and r.job.act == "bf16" and r.job.kernel != "gemm"), table
 
 
 def test_spills_and_errors_are_failures():
