@@ -45,16 +45,17 @@ KERNEL_CONFIGS: dict[str, list[dict]] = {
     # launches (README, "The fused small-N kernel"). Small N first: 32-row output tiles compile to mma.sync on sm_90 as
     # on sm_80, so their main loop has no warpgroup wait at all; the 64/128-row tiles use wgmma (one wait per
     # iteration, for the rank product that the Hadamard needs) and are meant for larger N. The first entry per dtype is
-    # the interpreter's / deterministic mode's single config (the same BLOCK_N for 16-bit and fp32).
+    # the interpreter's / deterministic mode's single config (the same BLOCK_N for 16-bit and fp32). Pruned for spills
+    # (sm_80, Triton's own ptxas flags): 128×128×32/8 warps (7 KB with dropout), 32×16×64 and 64×64×32 at 4 stages
+    # and 3 stages respectively (36–52 B in dX_a).
     "gemm": [
         {"BLOCK_O": 32, "BLOCK_N": 32, "BLOCK_R": 64, "GROUP_O": 8, "num_warps": 4, "num_stages": 4, "dtypes": _HALF},
         {"BLOCK_O": 32, "BLOCK_N": 32, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 4, "num_stages": 3, "dtypes": _FP32},
-        {"BLOCK_O": 32, "BLOCK_N": 16, "BLOCK_R": 64, "GROUP_O": 8, "num_warps": 4, "num_stages": 4, "dtypes": _HALF},
+        {"BLOCK_O": 32, "BLOCK_N": 16, "BLOCK_R": 64, "GROUP_O": 8, "num_warps": 4, "num_stages": 3, "dtypes": _HALF},
         {"BLOCK_O": 32, "BLOCK_N": 64, "BLOCK_R": 64, "GROUP_O": 8, "num_warps": 4, "num_stages": 4, "dtypes": _HALF},
-        {"BLOCK_O": 64, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 4, "num_stages": 3, "dtypes": _HALF},
+        {"BLOCK_O": 64, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 4, "num_stages": 4, "dtypes": _HALF},
         {"BLOCK_O": 64, "BLOCK_N": 32, "BLOCK_R": 64, "GROUP_O": 8, "num_warps": 4, "num_stages": 4, "dtypes": _HALF},
         {"BLOCK_O": 128, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 4, "num_stages": 3, "dtypes": _HALF},
-        {"BLOCK_O": 128, "BLOCK_N": 128, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 8, "num_stages": 3, "dtypes": _HALF},
         {"BLOCK_O": 128, "BLOCK_N": 64, "BLOCK_R": 16, "GROUP_O": 8, "num_warps": 8, "num_stages": 3, "dtypes": _FP32},
     ],
     # Permuted-coordinate adapter GEMM (no base dot, no block mask). Its W0 sub-tiles and output tiles are addressed by
