@@ -47,10 +47,10 @@ KERNEL_CONFIGS: dict[str, list[dict]] = {
     # iteration, for the rank product that the Hadamard needs) and are meant for larger N. The first entry per dtype is
     # the interpreter's / deterministic mode's single config (the same BLOCK_N for 16-bit and fp32). Pruned for spills
     # (sm_80, Triton's own ptxas flags): 128×128×32/8 warps (7 KB with dropout), 32×16×64 and 64×64×32 at 4 stages
-    # and 3 stages respectively (36–52 B in dX_a).
+    # and 3 stages respectively (36–52 B in dX_a), 32×32×32 in fp32 (3×TF32; 128 B with dropout on sm_90).
     "gemm": [
         {"BLOCK_O": 32, "BLOCK_N": 32, "BLOCK_R": 64, "GROUP_O": 8, "num_warps": 4, "num_stages": 4, "dtypes": _HALF},
-        {"BLOCK_O": 32, "BLOCK_N": 32, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 4, "num_stages": 3, "dtypes": _FP32},
+        {"BLOCK_O": 32, "BLOCK_N": 32, "BLOCK_R": 16, "GROUP_O": 8, "num_warps": 4, "num_stages": 3, "dtypes": _FP32},
         {"BLOCK_O": 32, "BLOCK_N": 16, "BLOCK_R": 64, "GROUP_O": 8, "num_warps": 4, "num_stages": 3, "dtypes": _HALF},
         {"BLOCK_O": 32, "BLOCK_N": 64, "BLOCK_R": 64, "GROUP_O": 8, "num_warps": 4, "num_stages": 4, "dtypes": _HALF},
         {"BLOCK_O": 64, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 4, "num_stages": 4, "dtypes": _HALF},
