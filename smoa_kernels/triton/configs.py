@@ -57,6 +57,9 @@ KERNEL_CONFIGS: dict[str, list[dict]] = {
         {"BLOCK_O": 64, "BLOCK_N": 32, "BLOCK_R": 64, "GROUP_O": 8, "num_warps": 4, "num_stages": 4, "dtypes": _HALF},
         {"BLOCK_O": 128, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 4, "num_stages": 3, "dtypes": _HALF},
         {"BLOCK_O": 128, "BLOCK_N": 64, "BLOCK_R": 16, "GROUP_O": 8, "num_warps": 8, "num_stages": 3, "dtypes": _FP32},
+        # decode (N ≤ 16): more W0 bytes in flight per SM; 16 rows give d_out/16 programs (16×16×128 spills 8 B in dX_a)
+        {"BLOCK_O": 32, "BLOCK_N": 16, "BLOCK_R": 128, "GROUP_O": 8, "num_warps": 4, "num_stages": 4, "dtypes": _HALF},
+        {"BLOCK_O": 16, "BLOCK_N": 16, "BLOCK_R": 64, "GROUP_O": 8, "num_warps": 2, "num_stages": 6, "dtypes": _HALF},
     ],
     # Permuted-coordinate adapter GEMM (no base dot, no block mask). Its W0 sub-tiles and output tiles are addressed by
     # loaded index vectors, i.e. one 64-bit pointer per element, which costs registers the "gemm" tiles do not pay: the
