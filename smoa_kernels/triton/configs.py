@@ -36,20 +36,30 @@ MIN_DOT = 16  # tl.dot needs every block dimension >= 16 on the GPU
 
 # Every config shipped for each kernel. The FIRST entry valid for an activation dtype ("dtypes", optional, restricts
 # an entry to those dtypes) is the single config used under TRITON_INTERPRET=1 and with
-# torch.use_deterministic_algorithms(True). tools/aot_compile_check.py compiles all of them for sm_80/sm_90 and fails
-# on any spill, so a config that spills is removed here (or limited to the dtypes where it does not) rather than
-# shipped.
+# torch.use_deterministic_algorithms(True). tools/kernel_report.py (the compile gate) compiles all of them for sm_80/sm_90
+# with the JIT's own specialisation and fails on any spill, so a config that spills is removed here (or limited to the
+# dtypes where it does not) rather than shipped.
 _HALF, _FP32 = ("fp16", "bf16"), ("fp32",)
 KERNEL_CONFIGS: dict[str, list[dict]] = {
-    # Chosen with tools/aot_compile_check.py. On sm_80 ptxas caps 8-warp programs at 128 registers, so 16-bit tiles use
-    # 4 warps where they can; fp32 tiles are twice as large in registers and its 3×TF32 dots need BLOCK_R = 16 (with
-    # BLOCK_R = 32 every fp32 tile spills on sm_80). Pruned for spilling: 64×128×32/4 warps (8 B with fp32 factors),
-    # 64×64×16/4 warps and 64×128×16/8 warps in fp32, 128×64×16/4 warps (up to 360 B).
+    # The fused single-pass GEMM (smoa_kernels/triton/fused.py), chosen from the SASS of the specialisation the JIT
+    # launches (README, "The fused small-N kernel"). Small N first: 32-row output tiles compile to mma.sync on sm_90 as
+    # on sm_80, so their main loop has no warpgroup wait at all; the 64/128-row tiles use wgmma (one wait per
+    # iteration, for the rank product that the Hadamard needs) and are meant for larger N. The first entry per dtype is
+    # the interpreter's / deterministic mode's single config (the same BLOCK_N for 16-bit and fp32). Pruned for spills
+    # (sm_80, Triton's own ptxas flags): 128×128×32/8 warps (7 KB with dropout), 32×16×64 and 64×64×32 at 4 stages
+    # and 3 stages respectively (36–52 B in dX_a), 32×32×32 in fp32 (3×TF32; 128 B with dropout on sm_90).
     "gemm": [
-        {"BLOCK_O": 64, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 4, "num_stages": 3, "dtypes": _HALF},
-        {"BLOCK_O": 128, "BLOCK_N": 64, "BLOCK_R": 16, "GROUP_O": 8, "num_warps": 8, "num_stages": 3, "dtypes": _FP32},
+        {"BLOCK_O": 32, "BLOCK_N": 32, "BLOCK_R": 64, "GROUP_O": 8, "num_warps": 4, "num_stages": 4, "dtypes": _HALF},
+        {"BLOCK_O": 32, "BLOCK_N": 32, "BLOCK_R": 16, "GROUP_O": 8, "num_warps": 4, "num_stages": 3, "dtypes": _FP32},
+        {"BLOCK_O": 32, "BLOCK_N": 16, "BLOCK_R": 64, "GROUP_O": 8, "num_warps": 4, "num_stages": 3, "dtypes": _HALF},
+        {"BLOCK_O": 32, "BLOCK_N": 64, "BLOCK_R": 64, "GROUP_O": 8, "num_warps": 4, "num_stages": 4, "dtypes": _HALF},
+        {"BLOCK_O": 64, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 4, "num_stages": 4, "dtypes": _HALF},
+        {"BLOCK_O": 64, "BLOCK_N": 32, "BLOCK_R": 64, "GROUP_O": 8, "num_warps": 4, "num_stages": 4, "dtypes": _HALF},
         {"BLOCK_O": 128, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 4, "num_stages": 3, "dtypes": _HALF},
-        {"BLOCK_O": 128, "BLOCK_N": 128, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 8, "num_stages": 3, "dtypes": _HALF},
+        {"BLOCK_O": 128, "BLOCK_N": 64, "BLOCK_R": 16, "GROUP_O": 8, "num_warps": 8, "num_stages": 3, "dtypes": _FP32},
+        # decode (N ≤ 16): more W0 bytes in flight per SM; 16 rows give d_out/16 programs (16×16×128 spills 8 B in dX_a)
+        {"BLOCK_O": 32, "BLOCK_N": 16, "BLOCK_R": 128, "GROUP_O": 8, "num_warps": 4, "num_stages": 4, "dtypes": _HALF},
+        {"BLOCK_O": 16, "BLOCK_N": 16, "BLOCK_R": 64, "GROUP_O": 8, "num_warps": 2, "num_stages": 6, "dtypes": _HALF},
     ],
     # The blocked path's glue kernels (smoa_kernels/triton/blocked.py); none has a main loop over a large operand
     # except the factor epilogue's walk over a block's columns. Chosen with the compile check (registers, no spills).
@@ -82,8 +92,11 @@ KERNEL_SOURCES = {
     "factor_epilogue": ("smoa_kernels.triton.blocked", "_smoa_factor_epilogue_kernel"),
     "orders": ("smoa_kernels.triton.blocked", "_smoa_orders_kernel"),
 }
+_GEMM_CODE_FLAGS = ("HAS_BASE", "XA_IS_X", "HAS_BIAS", "MERGED", "W_T", "DOT_PRECISION")
 _AUTOTUNE_KEYS = {
-    "gemm": ["d_out", "d_red", "n_bucket", "rank"],
+    # Every constexpr that changes the fused GEMM's code is in its key (dX on a square layer must not reuse the
+    # forward's config); the activation dtype is added by triton.autotune itself.
+    "gemm": ["d_out", "d_red", "n_bucket", "RANK_PAD", *_GEMM_CODE_FLAGS],
     "delta_blocks": ["d_out", "d_in", "rank", "num_blocks"],
     "scatter": ["n_bucket", "d"],
     "factor_epilogue": ["n_band_rows", "n_band_cols", "rank"],
@@ -216,7 +229,7 @@ def launch(name: str, grid, *args, **constexprs) -> None:
 
 # tl.dot precision for fp32 operands, keyed by torch.backends.cuda.matmul.allow_tf32. Without TF32 the kernels use
 # three TF32 products ("tf32x3", error at the level of fp32 rounding) rather than "ieee": an FMA-based fp32 dot spills
-# hundreds of bytes of registers in every shipped tile (tools/aot_compile_check.py). 16-bit operands ignore it.
+# hundreds of bytes of registers in every shipped tile (tools/kernel_report.py). 16-bit operands ignore it.
 FP32_DOT_PRECISION = {True: "tf32", False: "tf32x3"}
 
 

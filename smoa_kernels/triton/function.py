@@ -92,7 +92,7 @@ def _forward_op(
             return y, xa_bands if save else x.new_empty(0)
         lora_A, lora_B, blk_row, blk_col = _fused_operands(lora_A, lora_B, orders, num_blocks)
         y = _gemm(x, x_adapter, weight, bias, lora_B, lora_A, blk_row, blk_col, scale,
-                  transpose=False, has_base=True, merged=merged)  # fmt: skip
+                  transpose=False, has_base=True, merged=merged, num_blocks=num_blocks)  # fmt: skip
         if not save:
             return y, x.new_empty(0)
         return y, blocked.gather_bands(x if x_adapter is None else x_adapter, orders.col, num_blocks)
@@ -143,13 +143,13 @@ def _backward_op(
             if adapter_is_x:
                 if need_x:  # dx = dY W0 + s·dY ΔW in one pass over W0
                     grad_x = _gemm(grad_out, None, weight, None, fac_A, fac_B, blk_col, blk_row, scale,
-                                   transpose=True, has_base=True, merged=merged)  # fmt: skip
+                                   transpose=True, has_base=True, merged=merged, num_blocks=num_blocks)  # fmt: skip
             else:
                 if need_x:
                     grad_x = grad_out @ weight
                 if need_xa:
                     grad_xa = _gemm(grad_out, None, weight, None, fac_A, fac_B, blk_col, blk_row, scale,
-                                    transpose=True, has_base=False, merged=False)  # fmt: skip
+                                    transpose=True, has_base=False, merged=False, num_blocks=num_blocks)  # fmt: skip
         grad_bias = grad_out.sum(0) if need_bias else None
         grad_A = grad_B = None
         if need_A or need_B:

@@ -1,5 +1,31 @@
-"""The fused single-pass SMoA GEMM (original coordinates): forward ``y = x W0ᵀ + b + s·x_a ΔWᵀ`` and dX, with the ΔW
-tile generated in registers from the W0 tile the GEMM loads anyway (see the package docstring)."""
+"""The fused single-pass SMoA GEMM for small N (original coordinates): one pass over W0 per call.
+
+Math. Forward ``y = x W0ᵀ + b + s·x_a ΔWᵀ`` with ``ΔW = (B̂ Â) ⊙ W0 ⊙ [blk_row[o] == blk_col[c]]`` (SPEC §3); dX
+``dY (W0 + s·ΔW)`` with the same tensors read through swapped strides; ``has_base=False`` gives ``s·dY ΔW`` alone (the
+dropout case's dX_a); ``merged=True`` forms ``W0 + s·ΔW`` before one dot. Per output tile the kernel streams W0 tiles
+(BLOCK_O × BLOCK_R) and activation tiles, and generates the s·ΔW tile in registers from the W0 tile it loads anyway.
+
+Design (what makes the loop cheap):
+- Block-extended factors, built once per call by the launcher in the activation dtype: ``U[o, k·r_k + t] =
+  s·B̂[o, t]·[blk_row[o] = k]`` (d_out × RANK_PAD) and ``V[k·r_k + t, c] = Â[t, c]·[blk_col[c] = k]`` (RANK_PAD ×
+  d_red, rows padded to 16 elements), zero-padded to RANK_PAD = next_pow2(max(K·r_k, 16)). Then ``U V = s·(B̂Â) ⊙
+  blockmask`` exactly, so the loop has no block ids, no compare/select, no scale multiply and no fp32 → 16-bit
+  conversion of factor tiles; every load is a contiguous, 16-byte aligned row (cp.async, no scalar 16-bit loads).
+  Price: the rank product has K·r_k (= the total rank r) instead of r_k columns: r/(2·BLOCK_N) of the main dots'
+  tensor-core work, hidden at small N, where W0 traffic bounds the kernel.
+- Per iteration: ``P = U_tile · V_tile`` (one small dot), ``Δ = P ⊙ W0_tile`` in the activation dtype (packed
+  HMUL2: P and the product are each rounded once, so the tile's error is relative to ΔW, not to W0), then
+  ``acc += W0_tile · xᵀ`` and ``acc_Δ += Δ · x_aᵀ`` into two accumulators. Two accumulators make both big dots
+  "properly async" for Triton's wgmma pipeliner (a dot whose result feeds another dot in the same iteration gets a
+  full drain after it); they are summed after the loop.
+- Small-N tiles (32 output rows) compile to mma.sync on sm_90 as on sm_80: no warpgroup waits at all. The 64/128-row
+  tiles use wgmma and keep one drain per iteration: the rank product's result feeds the Hadamard, which Triton 3.9
+  only allows after ``wgmma.wait_group 0``.
+- ``tl.assume(d_red > 0)``: without it the zero-trip path initialises the accumulators outside the loop and ptxas
+  serialises every wgmma of the transposed pass (C7515). The launcher handles d_red = 0 itself.
+The measured static figures (registers, spills, CTAs/SM, MMA and other instructions per iteration, waits) are in the
+README, "The fused small-N kernel".
+"""
 
 from __future__ import annotations
 
@@ -17,14 +43,11 @@ def _smoa_gemm_kernel(
     W,
     U,
     V,
-    IDS_OUT,
-    IDS_RED,
     n_rows,
     d_out,
     d_red,
     rank,
     n_bucket,
-    scale,
     stride_xn,
     stride_xr,
     stride_xan,
@@ -34,13 +57,12 @@ def _smoa_gemm_kernel(
     stride_wo,
     stride_wr,
     stride_uo,
-    stride_ut,
     stride_vt,
-    stride_vr,
     HAS_BASE: tl.constexpr,
     XA_IS_X: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     MERGED: tl.constexpr,
+    W_T: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     RANK_PAD: tl.constexpr,
     BLOCK_O: tl.constexpr,
@@ -48,16 +70,14 @@ def _smoa_gemm_kernel(
     BLOCK_R: tl.constexpr,
     GROUP_O: tl.constexpr,
 ):
-    """``OUT[n,o] = Σ_r X[n,r] W[o,r] + s Σ_r XA[n,r] ΔW[o,r] + bias[o]``, ``ΔW[o,r] = (U V)[o,r] W[o,r] [same blk]``.
+    """``OUT[n,o] = Σ_r X[n,r] W[o,r] + Σ_r XA[n,r] P[o,r] W[o,r] + bias[o]``, ``P = U V`` (module docstring).
 
-    Forward: (X, W, U, V, IDS_OUT, IDS_RED) = (x, W0, B̂, Â, blk_row, blk_col). dX: (dY, W0ᵀ, Âᵀ, B̂ᵀ, blk_col, blk_row),
-    passed as transposed strides. HAS_BASE=False drops the W0 dot (the dropout case's separate dX_a pass);
-    MERGED=True adds ``s·ΔW`` to the W0 tile before a single dot (opt-in fast path, requires XA_IS_X).
+    Forward: (X, W, U, V) = (x, W0, U(B̂), V(Â)); dX: (dY, W0ᵀ via strides, U(Âᵀ), V(B̂ᵀ)). ``rank`` (r_k) is only
+    read by the autotuner's pruning; ``W_T`` (W read transposed) and the other flags are in the autotune key.
     """
     pid = tl.program_id(0)
     num_pid_o = (d_out + BLOCK_O - 1) // BLOCK_O
     num_pid_n = (n_rows + BLOCK_N - 1) // BLOCK_N
-    # Grouped ordering (Triton tutorial 03): consecutive programs share weight tiles in L2.
     num_pid_in_group = GROUP_O * num_pid_n
     group_id = pid // num_pid_in_group
     first_pid_o = group_id * GROUP_O
@@ -70,55 +90,41 @@ def _smoa_gemm_kernel(
     mask_o = offs_o < d_out
     mask_n = offs_n < n_rows
     offs_t = tl.arange(0, RANK_PAD)
-    mask_t = offs_t < rank
+    offs_k = tl.arange(0, BLOCK_R)
     dot_dtype = X.dtype.element_ty
 
-    # The out-side factor tile and block ids are loop invariants: load them once.
-    u = tl.load(
-        U + offs_o[:, None] * stride_uo + offs_t[None, :] * stride_ut, mask=mask_o[:, None] & mask_t[None, :], other=0.0
-    ).to(dot_dtype)
-    ids_o = tl.load(IDS_OUT + offs_o, mask=mask_o, other=-1)
+    u = tl.load(U + offs_o[:, None] * stride_uo + offs_t[None, :], mask=mask_o[:, None], other=0.0)
+    w_ptrs = W + offs_o[:, None] * stride_wo + offs_k[None, :] * stride_wr
+    x_ptrs = X + offs_n[None, :] * stride_xn + offs_k[:, None] * stride_xr
+    xa_ptrs = XA + offs_n[None, :] * stride_xan + offs_k[:, None] * stride_xar
+    v_ptrs = V + offs_t[:, None] * stride_vt + offs_k[None, :]
 
     acc = tl.full((BLOCK_O, BLOCK_N), 0.0, tl.float32)
+    acc_d = tl.full((BLOCK_O, BLOCK_N), 0.0, tl.float32)
+    tl.assume(d_red > 0)  # the launcher never launches d_red = 0: no zero-trip path (ptxas C7515 serialised it)
     for r_start in range(0, d_red, BLOCK_R):
-        offs_r = (r_start + tl.arange(0, BLOCK_R)).to(tl.int64)
-        mask_r = offs_r < d_red
-        w = tl.load(
-            W + offs_o[:, None] * stride_wo + offs_r[None, :] * stride_wr,
-            mask=mask_o[:, None] & mask_r[None, :],
-            other=0.0,
-        )
-        # xᵀ tile (BLOCK_R × BLOCK_N): the generated weight tile stays the left operand.
-        x_t = tl.load(
-            X + offs_n[None, :] * stride_xn + offs_r[:, None] * stride_xr,
-            mask=mask_r[:, None] & mask_n[None, :],
-            other=0.0,
-        )
-        v = tl.load(
-            V + offs_t[:, None] * stride_vt + offs_r[None, :] * stride_vr,
-            mask=mask_t[:, None] & mask_r[None, :],
-            other=0.0,
-        ).to(dot_dtype)
-        ids_r = tl.load(IDS_RED + offs_r, mask=mask_r, other=-2)
-        product = tl.dot(u, v, input_precision=DOT_PRECISION)
-        same_block = ids_o[:, None] == ids_r[None, :]
-        scaled_delta = tl.where(same_block, product * w.to(tl.float32) * scale, 0.0)
+        mask_r = offs_k < d_red - r_start
+        v = tl.load(v_ptrs, mask=mask_r[None, :], other=0.0)
+        p = tl.dot(u, v, input_precision=DOT_PRECISION)
+        w = tl.load(w_ptrs, mask=mask_o[:, None] & mask_r[None, :], other=0.0)
+        x_t = tl.load(x_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        delta = p.to(dot_dtype) * w
         if MERGED:
-            w_eff = (w.to(tl.float32) + scaled_delta).to(dot_dtype)
-            acc = tl.dot(w_eff, x_t, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(w + delta, x_t, acc, input_precision=DOT_PRECISION)
         else:
-            if HAS_BASE:
-                acc = tl.dot(w, x_t, acc, input_precision=DOT_PRECISION)
             if XA_IS_X:
                 xa_t = x_t
             else:
-                xa_t = tl.load(
-                    XA + offs_n[None, :] * stride_xan + offs_r[:, None] * stride_xar,
-                    mask=mask_r[:, None] & mask_n[None, :],
-                    other=0.0,
-                )
-            acc = tl.dot(scaled_delta.to(dot_dtype), xa_t, acc, input_precision=DOT_PRECISION)
+                xa_t = tl.load(xa_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+            acc_d = tl.dot(delta, xa_t, acc_d, input_precision=DOT_PRECISION)
+            if HAS_BASE:
+                acc = tl.dot(w, x_t, acc, input_precision=DOT_PRECISION)
+        v_ptrs += BLOCK_R
+        w_ptrs += BLOCK_R * stride_wr
+        x_ptrs += BLOCK_R * stride_xr
+        xa_ptrs += BLOCK_R * stride_xar
 
+    acc += acc_d
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_o, mask=mask_o, other=0.0).to(tl.float32)[:, None]
     tl.store(
@@ -126,6 +132,22 @@ def _smoa_gemm_kernel(
         acc.to(OUT.dtype.element_ty),
         mask=mask_o[:, None] & mask_n[None, :],
     )
+
+
+def _block_factors(out_factor, red_factor, ids_out, ids_red, scale, num_blocks, rank_pad, dtype, red_pad):
+    """The block-extended factors (module docstring): U (d_out × rank_pad), V (rank_pad × red_pad), contiguous, in
+    ``dtype``, with ``U V[:, :d_red] = s·(out_factor red_factor) ⊙ [ids_out == ids_red]`` and zeros elsewhere."""
+    d_out, rank = out_factor.shape
+    d_red = red_factor.shape[1]
+    u = torch.zeros((d_out, rank_pad), dtype=dtype, device=out_factor.device)
+    v = torch.zeros((rank_pad, red_pad), dtype=dtype, device=out_factor.device)
+    if rank:
+        blocks = torch.arange(num_blocks, device=out_factor.device, dtype=ids_out.dtype)
+        u_view = u[:, : num_blocks * rank].view(d_out, num_blocks, rank)
+        v_view = v[: num_blocks * rank, :d_red].view(num_blocks, rank, d_red)
+        u_view.copy_(torch.where((ids_out[:, None] == blocks)[:, :, None], out_factor[:, None, :] * scale, 0))
+        v_view.copy_(torch.where((ids_red[None, :] == blocks[:, None])[:, None, :], red_factor[None, :, :], 0))
+    return u, v
 
 
 def _gemm(
@@ -142,28 +164,37 @@ def _gemm(
     transpose: bool,
     has_base: bool,
     merged: bool,
+    num_blocks: int | None = None,
 ) -> torch.Tensor:
     """Launch ``_smoa_gemm_kernel``. ``transpose=False``: forward (weight d_out×d_in, out_factor B̂ d_out×r_k,
-    red_factor Â r_k×d_in). ``transpose=True``: dX (same tensors, read through swapped strides)."""
+    red_factor Â r_k×d_in, ids = blk_row / blk_col). ``transpose=True``: dX (same tensors, read through swapped
+    strides; pass Â, B̂, blk_col, blk_row). ``num_blocks`` (K): pass it to avoid a device-to-host sync (``ids.max()``).
+
+    Per call (no per-tile work): the block-extended factors U, V (module docstring) in the activation dtype, and x /
+    x_a made contiguous if their last stride is not 1 (N·d elements, small next to W0 at small N)."""
     n_rows = x.shape[0]
     if transpose:
         d_out, d_red = weight.shape[1], weight.shape[0]
         stride_wo, stride_wr = weight.stride(1), weight.stride(0)
-        stride_uo, stride_ut = out_factor.stride(1), out_factor.stride(0)  # U = Âᵀ
-        stride_vt, stride_vr = red_factor.stride(1), red_factor.stride(0)  # V = B̂ᵀ
-        rank = out_factor.shape[0]
+        out_factor, red_factor = out_factor.t(), red_factor.t()  # U side: Âᵀ (d_in × r_k); V side: B̂ᵀ
     else:
         d_out, d_red = weight.shape
         stride_wo, stride_wr = weight.stride(0), weight.stride(1)
-        stride_uo, stride_ut = out_factor.stride(0), out_factor.stride(1)
-        stride_vt, stride_vr = red_factor.stride(0), red_factor.stride(1)
-        rank = out_factor.shape[1]
     out = torch.empty((n_rows, d_out), dtype=x.dtype, device=x.device)
-    if n_rows == 0:
+    if n_rows == 0 or d_out == 0:
         return out
-    if rank == 0:  # r_k = 0: every factor load is masked; give the kernel a real (non-null) pointer anyway
-        out_factor = red_factor = torch.zeros((1, 1), dtype=out_factor.dtype, device=x.device)
-    xa = x if x_adapter is None else x_adapter
+    if d_red == 0:  # an empty reduction: the kernel assumes at least one iteration
+        return out.copy_((bias if bias is not None else out.new_zeros(d_out)).expand(n_rows, d_out))
+    if num_blocks is None:
+        num_blocks = int(max(int(ids_out.max()), int(ids_red.max()))) + 1 if ids_out.numel() else 1
+    rank = out_factor.shape[1]
+    rank_pad = configs._rank_pad(num_blocks * rank)
+    red_pad = -(-d_red // 16) * 16
+    u, v = _block_factors(out_factor, red_factor, ids_out, ids_red, float(scale), num_blocks, rank_pad, x.dtype,
+                          red_pad)  # fmt: skip
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    xa = x if x_adapter is None else (x_adapter if x_adapter.stride(-1) == 1 else x_adapter.contiguous())
 
     def grid(meta):
         return (triton.cdiv(d_out, meta["BLOCK_O"]) * triton.cdiv(n_rows, meta["BLOCK_N"]),)
@@ -176,16 +207,13 @@ def _gemm(
         out,
         bias if bias is not None else out,
         weight,
-        out_factor,
-        red_factor,
-        ids_out,
-        ids_red,
+        u,
+        v,
         n_rows,
         d_out,
         d_red,
         rank,
         configs._n_bucket(n_rows),
-        float(scale),
         x.stride(0),
         x.stride(1),
         xa.stride(0),
@@ -194,15 +222,14 @@ def _gemm(
         out.stride(1),
         stride_wo,
         stride_wr,
-        stride_uo,
-        stride_ut,
-        stride_vt,
-        stride_vr,
+        u.stride(0),
+        v.stride(0),
         HAS_BASE=has_base,
         XA_IS_X=x_adapter is None,
         HAS_BIAS=bias is not None,
         MERGED=merged,
+        W_T=transpose,
         DOT_PRECISION=configs._dot_precision(x.dtype),
-        RANK_PAD=configs._rank_pad(rank),
+        RANK_PAD=rank_pad,
     )
     return out
