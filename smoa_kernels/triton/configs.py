@@ -36,9 +36,9 @@ MIN_DOT = 16  # tl.dot needs every block dimension >= 16 on the GPU
 
 # Every config shipped for each kernel. The FIRST entry valid for an activation dtype ("dtypes", optional, restricts
 # an entry to those dtypes) is the single config used under TRITON_INTERPRET=1 and with
-# torch.use_deterministic_algorithms(True). tools/kernel_report.py (the compile gate) compiles all of them for sm_80/sm_90
-# with the JIT's own specialisation and fails on any spill, so a config that spills is removed here (or limited to the
-# dtypes where it does not) rather than shipped.
+# torch.use_deterministic_algorithms(True). tools/kernel_report.py (the compile gate) compiles all of them for sm_80
+# and sm_90 with the JIT's own specialisation and fails on any spill, so a config that spills is removed here (or
+# limited to the dtypes where it does not) rather than shipped.
 _HALF, _FP32 = ("fp16", "bf16"), ("fp32",)
 KERNEL_CONFIGS: dict[str, list[dict]] = {
     # The fused single-pass GEMM (smoa_kernels/triton/fused.py), chosen from the SASS of the specialisation the JIT
