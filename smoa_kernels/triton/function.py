@@ -291,7 +291,7 @@ def _validate(x, x_adapter, weight, bias, lora_A, lora_B, row_order, col_order, 
     for name, order, n in (("row_order", row_order, d_out), ("col_order", col_order, d_in)):
         if order.dtype != torch.int64 or order.dim() != 1 or order.numel() != n:
             raise ValueError(f"{name} must be a 1-D int64 tensor of length {n}, got {order.dtype} {tuple(order.shape)}")
-    if configs._interpreting():
+    if configs._interpreting() and not configs.capturing():  # (the compile gate only records launches)
         for name, tensor in (("x", x), ("lora_A", lora_A)):
             if tensor.dtype == torch.bfloat16:
                 raise TypeError(
