@@ -261,6 +261,7 @@ def import_official(
     """
     import torch
 
+    from smoa.layer import partition_info
     from smoa.partition import spectral_scores
     from smoa.peft import SMoAConfig
 
@@ -329,6 +330,7 @@ def import_official(
         state[f"{prefix}.smoa_B.weight"] = lora_B.contiguous()
         state[f"{prefix}.smoa_row_order"] = row_order.to(torch.long)
         state[f"{prefix}.smoa_col_order"] = col_order.to(torch.long)
+        state[f"{prefix}.smoa_partition_info"] = partition_info(weight, K, int(r), "spectral")  # K, r, shape, W0 print
 
     # the exact module paths that have factors (the official target_modules may name more, e.g. with
     # layers_to_transform): the adapter then attaches exactly where the checkpoint has factors
