@@ -339,3 +339,37 @@ def _patch_transformers_load_adapter() -> None:
 
 
 _patch_transformers_load_adapter()
+
+
+# ---- writing adapter folders: safetensors only ----------------------------------------------------------------------
+# smoa refuses to read a pickle adapter_model.bin for SMoA (a pickle can run code, see smoa.peft.config), so it does not
+# write one either: PeftModel.save_pretrained(safe_serialization=False) raises before anything is written when one of
+# the adapters it would save is an SMoA adapter (other methods are untouched). Installed on import, idempotently.
+def _safetensors_only(save_pretrained):
+    import functools
+
+    @functools.wraps(save_pretrained)
+    def checked(self, save_directory, safe_serialization: bool = True, selected_adapters=None, *args, **kwargs):
+        if not safe_serialization:
+            names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+            smoa = [name for name in names if isinstance(self.peft_config.get(name), SMoAConfig)]
+            if smoa:
+                raise ValueError(
+                    f"safe_serialization=False: SMoA adapters ({', '.join(smoa)}) are written as safetensors only "
+                    f"(smoa refuses to unpickle adapter_model.bin files, which can run code); nothing was written to "
+                    f"{save_directory!r}. Call save_pretrained() with safe_serialization=True (the default)"
+                )
+        return save_pretrained(self, save_directory, safe_serialization, selected_adapters, *args, **kwargs)
+
+    checked._smoa_checked = True
+    return checked
+
+
+def _install_safetensors_only() -> None:
+    from peft import PeftModel
+
+    if not getattr(PeftModel.save_pretrained, "_smoa_checked", False):
+        PeftModel.save_pretrained = _safetensors_only(PeftModel.save_pretrained)
+
+
+_install_safetensors_only()
