@@ -92,6 +92,11 @@ class Scenario:
     bias: bool = False
     merged_weight: bool = False
     tf32: bool = False  # torch.backends.cuda.matmul.allow_tf32 during the call (fp32 only)
+    # sizes/strides divisible by 16, as in every real model: the JIT then marks them divisible and the main loops can
+    # use vector loads. An unaligned shape (e.g. d_in = 136) gets another specialisation whose scalar loads are the
+    # correct code for rows that are not 16-element aligned: it is compiled and gated on errors and spills, and its
+    # scalar loads and instruction ratios are reported without failing the gate.
+    aligned: bool = True
 
 
 SCENARIOS = (
@@ -107,7 +112,7 @@ SCENARIOS = (
     Scenario("bias", n_tokens=256, bias=True),
     Scenario("merged_weight", n_tokens=256, merged_weight=True),
     Scenario("r_k = 64", n_tokens=256, rank=128),
-    Scenario("odd shape 37x(136->200) K=3", n_tokens=37, d_out=200, d_in=136, rank=12, num_blocks=3),
+    Scenario("odd shape 37x(136->200) K=3", n_tokens=37, d_out=200, d_in=136, rank=12, num_blocks=3, aligned=False),
 )
 
 
@@ -242,6 +247,7 @@ class Job:
     dtype: str = ""
     programs: int = 0
     used_by: list = dataclasses.field(default_factory=list)  # "scenario / path" labels
+    aligned: bool = True  # launched by at least one aligned scenario (see Scenario.aligned; build_jobs sets it)
     yardstick: dict | None = None  # set for yardstick jobs: the tile it stands in for
 
     def key(self) -> str:
@@ -301,10 +307,11 @@ def build_jobs(captures: list[Capture], quick: bool, archs=ARCHS) -> list[Job]:
                     if max_rank is not None and bound.get("rank", 0) > max_rank:
                         break
                     job = Job(launch.name, index, entry, arch, signature, constexprs, attrs, options, dtype,
-                              _programs(launch.grid, bound))  # fmt: skip
+                              _programs(launch.grid, bound), aligned=False)  # fmt: skip
                     job = jobs.setdefault(job.key(), job)
                     if label not in job.used_by:
                         job.used_by.append(label)
+                    job.aligned |= cap.scenario.aligned
     return list(jobs.values())
 
 
@@ -586,6 +593,8 @@ def verdict(job: Job, result: dict, yard: dict | None) -> list[str]:
     loop = result.get("main_loop")
     if loop is None:  # no main loop: scalar loads are reported (ld16 column, JSON), not a gate (issue 9: main loops);
         return fails  # the blocked path's anchor gather W0[R_k, C_k] is element-wise by nature, once per element
+    if not job.aligned:  # an unaligned shape's specialisation: compile errors and spills only (Scenario.aligned)
+        return fails
     if loop["scalar16_loads"]:
         fails.append(f"{loop['scalar16_loads']} scalar 16-bit global loads in the main loop")
     yard_loop = (yard or {}).get("main_loop") or {}

@@ -42,30 +42,26 @@ MIN_DOT = 16  # tl.dot needs every block dimension >= 16 on the GPU
 _HALF, _FP32 = ("fp16", "bf16"), ("fp32",)
 KERNEL_CONFIGS: dict[str, list[dict]] = {
     # The fused single-pass GEMM (smoa_kernels/triton/fused.py), chosen from the SASS of the specialisation the JIT
-    # launches (README, "The fused small-N kernel"). Small N first: 32-row output tiles compile to mma.sync on sm_90 as
-    # on sm_80, so their main loop has no warpgroup wait at all; the 64/128-row tiles use wgmma (one wait per
-    # iteration, for the rank product that the Hadamard needs) and are meant for larger N. The first entry per dtype is
-    # the interpreter's / deterministic mode's single config (the same BLOCK_N for 16-bit and fp32). Pruned for spills
-    # (sm_80, Triton's own ptxas flags): 128×128×32/8 warps (7 KB with dropout), 32×16×64 and 64×64×32 at 4 stages
-    # and 3 stages respectively (36–52 B in dX_a), 32×32×32 in fp32 (3×TF32; 128 B with dropout on sm_90).
+    # launches (README, "The fused small-N kernel"). It serves small N (the cost model sends training-sized N to the
+    # blocked path): 32-row output tiles compile to mma.sync on sm_90 as on sm_80, so their main loop has no warpgroup
+    # wait at all. The 64/128-row wgmma tiles were removed: Triton 3.9 drains all tensor-core work once per iteration
+    # there (the rank product feeds the Hadamard), which the compile gate rejects. The first entry per dtype is the
+    # interpreter's / deterministic mode's single config (the same BLOCK_N for 16-bit and fp32). Pruned for spills
+    # (sm_80, Triton's own ptxas flags): 128×128×32/8 warps (7 KB with dropout), 32×16×64 at 4 stages (36–52 B in
+    # dX_a), 32×32×32 in fp32 (3×TF32; 128 B with dropout on sm_90).
     "gemm": [
         {"BLOCK_O": 32, "BLOCK_N": 32, "BLOCK_R": 64, "GROUP_O": 8, "num_warps": 4, "num_stages": 4, "dtypes": _HALF},
         {"BLOCK_O": 32, "BLOCK_N": 32, "BLOCK_R": 16, "GROUP_O": 8, "num_warps": 4, "num_stages": 3, "dtypes": _FP32},
         {"BLOCK_O": 32, "BLOCK_N": 16, "BLOCK_R": 64, "GROUP_O": 8, "num_warps": 4, "num_stages": 3, "dtypes": _HALF},
         {"BLOCK_O": 32, "BLOCK_N": 64, "BLOCK_R": 64, "GROUP_O": 8, "num_warps": 4, "num_stages": 4, "dtypes": _HALF},
-        {"BLOCK_O": 64, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 4, "num_stages": 4, "dtypes": _HALF},
-        {"BLOCK_O": 64, "BLOCK_N": 32, "BLOCK_R": 64, "GROUP_O": 8, "num_warps": 4, "num_stages": 4, "dtypes": _HALF},
-        {"BLOCK_O": 128, "BLOCK_N": 64, "BLOCK_R": 32, "GROUP_O": 8, "num_warps": 4, "num_stages": 3, "dtypes": _HALF},
-        {"BLOCK_O": 128, "BLOCK_N": 64, "BLOCK_R": 16, "GROUP_O": 8, "num_warps": 8, "num_stages": 3, "dtypes": _FP32},
-        # decode (N ≤ 16): more W0 bytes in flight per SM; 16 rows give d_out/16 programs (16×16×128 spills 8 B in dX_a)
-        {"BLOCK_O": 32, "BLOCK_N": 16, "BLOCK_R": 128, "GROUP_O": 8, "num_warps": 4, "num_stages": 4, "dtypes": _HALF},
+        # decode (N ≤ 16): 16 rows give d_out/16 programs (16×16×128 spills 8 B in dX_a, 32×16×128 28–96 B on sm_80)
         {"BLOCK_O": 16, "BLOCK_N": 16, "BLOCK_R": 64, "GROUP_O": 8, "num_warps": 2, "num_stages": 6, "dtypes": _HALF},
     ],
     # The blocked path's glue kernels (smoa_kernels/triton/blocked.py); none has a main loop over a large operand
     # except the factor epilogue's walk over a block's columns. Chosen with the compile check (registers, no spills).
     # s·ΔW_k generation: one (BLOCK_I × BLOCK_J) tile per program, rank padded to >= 16.
     "delta_blocks": [
-        {"BLOCK_I": 64, "BLOCK_J": 64, "num_warps": 4, "num_stages": 1},
+        {"BLOCK_I": 64, "BLOCK_J": 64, "num_warps": 8, "num_stages": 1},
     ],
     # Coalesced un-permute (+ bias) of a token-minor product into original coordinates; memory-bound.
     "scatter": [
