@@ -15,6 +15,7 @@ from collections.abc import Iterable
 import torch.nn as nn
 
 from smoa.layer import SMoALinear
+from smoa.partition import partition_progress
 
 __all__ = ["apply_smoa", "merge_smoa", "smoa_layers"]
 
@@ -76,12 +77,13 @@ def apply_smoa(
     ``init_weights``, ``backend``).
     """
     names = _select_targets(model, target_modules, exclude_modules)
-    new_layers = {
-        name: SMoALinear.from_linear(
-            model.get_submodule(name), r, num_blocks, alpha, dropout, ordering, **layer_options
-        )
-        for name in names
-    }  # every layer is built (and every argument checked) before the model is touched
+    with partition_progress(len(names)):
+        new_layers = {
+            name: SMoALinear.from_linear(
+                model.get_submodule(name), r, num_blocks, alpha, dropout, ordering, **layer_options
+            )
+            for name in names
+        }  # every layer is built (and every argument checked) before the model is touched
     for param in model.parameters():
         param.requires_grad_(False)
     for name, layer in new_layers.items():
