@@ -108,10 +108,14 @@ def test_config_defaults_and_validation():
     config = SMoAConfig()
     assert (config.r, config.num_blocks, config.lora_alpha, config.lora_dropout) == (8, 2, None, 0.0)
     assert config.peft_type == PeftType.SMOA and not config._orders_from_checkpoint
-    with pytest.raises(ValueError, match="r=6 is not divisible by num_blocks=4"):
-        SMoAConfig(r=6, num_blocks=4)
-    with pytest.raises(ValueError, match=r"rank_pattern\['lin0'\]=3 is not divisible"):
-        SMoAConfig(r=4, rank_pattern={"lin0": 3})
+    with pytest.raises(ValueError, match=r"block_ranks=\[1, 1\] sums to 2 but r=6"):
+        SMoAConfig(r=6, num_blocks=2, block_ranks=[1, 1])
+    with pytest.raises(ValueError, match=r"rank_pattern\['lin0'\]=\[3\]: .* expected num_blocks=2"):
+        SMoAConfig(r=4, rank_pattern={"lin0": [3]})
+    with pytest.raises(ValueError, match="bias='lora_only'"):
+        SMoAConfig(bias="lora_only")
+    with pytest.raises(ValueError, match="init_weights='pissa'"):
+        SMoAConfig(init_weights="pissa")
     with pytest.raises(ValueError, match="ordering='svd'"):
         SMoAConfig(ordering="svd")
     with pytest.raises(ValueError, match="svd_dtype='float16'"):
