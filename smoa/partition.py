@@ -65,6 +65,22 @@ def _energies_svd(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tenso
     return U.square() * energy_sq, Vh.T.square() * energy_sq
 
 
+@contextlib.contextmanager
+def _one_thread_for_small_cpu_problems(matrix: torch.Tensor, limit: int = 1024):
+    """Run a CPU eigendecomposition of order ≤ ``limit`` on one thread. LAPACK's multi-threaded ``syevd`` gains
+    nothing at these sizes and collapses when the cores are shared: all-linear SmolLM2-135M (Gram order ≤ 576) took
+    484 s with 2 threads and 41 s with 1 on a 2-core machine at load 8.7 (benchmarks/attach_time.py)."""
+    threads = torch.get_num_threads()
+    if matrix.device.type != "cpu" or min(matrix.shape) > limit or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _energies_gram(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(U²σ², V²σ²)`` (d_out×q, d_in×q, σ descending) from the eigendecomposition of the smaller Gram matrix."""
     try:
@@ -73,7 +89,8 @@ def _energies_gram(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         w = weight.detach().cpu().to(torch.float64)
     wide = w.shape[0] <= w.shape[1]
     small = w if wide else w.T  # q×n with q = min(d_out, d_in)
-    eigenvalues, vectors = _on_cpu_if_unsupported(torch.linalg.eigh, small @ small.T)
+    with _one_thread_for_small_cpu_problems(small):
+        eigenvalues, vectors = _on_cpu_if_unsupported(torch.linalg.eigh, small @ small.T)
     eigenvalues, vectors = eigenvalues.flip(-1).clamp_min(0), vectors.flip(-1)  # descending: j = 0 is the largest σ
     energy_small = vectors.square() * eigenvalues  # U²σ² of the small side
     energy_other = (small.T @ vectors).square()  # (W0ᵀU)² = V²σ² (or (W0 V)² = U²σ²)
