@@ -40,9 +40,12 @@ __all__ = ["__version__", *sorted(_EXPORTS)]
 
 def __getattr__(name: str):
     module = _EXPORTS.get(name)
-    if module is None:
-        if name == "peft":  # the subpackage, as `import smoa; smoa.peft.SMoAConfig` always worked
-            return importlib.import_module("smoa.peft")
+    if module is None:  # a subpackage, as `import smoa; smoa.peft.SMoAConfig` or `smoa.backends` always worked
+        try:
+            return importlib.import_module(f"smoa.{name}")
+        except ModuleNotFoundError as error:
+            if error.name != f"smoa.{name}":
+                raise
         raise AttributeError(f"module 'smoa' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
