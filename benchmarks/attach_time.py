@@ -15,9 +15,13 @@ import copy
 import importlib.util
 import os
 import platform
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # measure this checkout's smoa, not an installed one
 
 
 def load_smollm2() -> torch.nn.Module:
@@ -53,16 +57,18 @@ def main() -> None:
 
     model = load_smollm2()
     weights = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     peft_model = get_peft_model(model, SMoAConfig(r=8, num_blocks=2, target_modules="all-linear"))
-    attach = time.perf_counter() - started
+    attach, attach_cpu = time.perf_counter() - started, time.process_time() - cpu_started
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"get_peft_model all-linear ({len(weights)} layers): {attach:.2f} s  [torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, load {load:.2f}]")  # fmt: skip
+    print(f"get_peft_model all-linear ({len(weights)} layers): {attach:.2f} s wall, {attach_cpu:.2f} s CPU  "
+          f"[torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
+          f"{platform.processor() or platform.machine()}, load {load:.2f}]")  # fmt: skip
     if args.svd:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         svd32 = [spectral_orders(w, torch.float32, method="svd") for w in weights]
-        print(f"SVD route (fp32), same layers: {time.perf_counter() - started:.2f} s")
+        print(f"SVD route (fp32), same layers: {time.perf_counter() - started:.2f} s wall, "
+              f"{time.process_time() - cpu_started:.2f} s CPU")  # fmt: skip
         gram = [spectral_orders(w) for w in weights]
         svd64 = [spectral_orders(w, torch.float64, method="svd") for w in weights]
         differ = lambda a, b: sum(int((x != y).sum()) for p, q in zip(a, b) for x, y in zip(p, q))  # noqa: E731

@@ -60,16 +60,19 @@ def _on_cpu_if_unsupported(fn, *tensors: torch.Tensor):
 
 
 def _energies_svd(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    U, S, Vh = _on_cpu_if_unsupported(lambda w: torch.linalg.svd(w, full_matrices=False), weight.detach().to(dtype))
+    w = weight.detach().to(dtype)
+    with _one_thread_for_small_cpu_problems(w):
+        U, S, Vh = _on_cpu_if_unsupported(lambda a: torch.linalg.svd(a, full_matrices=False), w)
     energy_sq = S.square()
     return U.square() * energy_sq, Vh.T.square() * energy_sq
 
 
 @contextlib.contextmanager
 def _one_thread_for_small_cpu_problems(matrix: torch.Tensor, limit: int = 1024):
-    """Run a CPU decomposition of order ≤ ``limit`` (and its GEMMs) on one thread. Multi-threaded LAPACK gains little
-    at these sizes and collapses when the cores are shared: all-linear SmolLM2-135M (Gram order ≤ 576) took 484 s
-    with 2 threads and 41 s with 1 on a 2-core machine at load 8.7 (benchmarks/attach_time.py)."""
+    """Run a CPU eigendecomposition/SVD of order ≤ ``limit`` on one thread (GEMMs keep torch's threads).
+    Multi-threaded LAPACK gains little at these sizes and collapses when the cores are shared: on the 2-core machine
+    of benchmarks/attach_time.py at load 9, a float64 ``eigh`` of order 576 took 0.93 s with 2 threads and 0.053 s
+    with 1, and all-linear SmolLM2-135M with the former fp32 SVD route took 484 s with 2 threads, 41 s with 1."""
     threads = torch.get_num_threads()
     if matrix.device.type != "cpu" or min(matrix.shape) > limit or threads == 1:
         yield
@@ -89,7 +92,9 @@ def _energies_gram(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         w = weight.detach().cpu().to(torch.float64)
     wide = w.shape[0] <= w.shape[1]
     small = w if wide else w.T  # q×n with q = min(d_out, d_in)
-    eigenvalues, vectors = _on_cpu_if_unsupported(torch.linalg.eigh, small @ small.T)
+    gram = small @ small.T
+    with _one_thread_for_small_cpu_problems(gram):
+        eigenvalues, vectors = _on_cpu_if_unsupported(torch.linalg.eigh, gram)
     eigenvalues, vectors = eigenvalues.flip(-1).clamp_min(0), vectors.flip(-1)  # descending: j = 0 is the largest σ
     energy_small = vectors.square() * eigenvalues  # U²σ² of the small side
     energy_other = (small.T @ vectors).square()  # (W0ᵀU)² = V²σ² (or (W0 V)² = U²σ²)
@@ -112,8 +117,7 @@ def spectral_scores(
     if method not in SCORE_METHODS:
         raise ValueError(f"method={method!r} is not one of {SCORE_METHODS}")
     _progress.tick()
-    with _one_thread_for_small_cpu_problems(weight):
-        energy_row, energy_col = _energies_gram(weight) if method == "gram" else _energies_svd(weight, svd_dtype)
+    energy_row, energy_col = _energies_gram(weight) if method == "gram" else _energies_svd(weight, svd_dtype)
     index = torch.arange(energy_row.shape[1], dtype=energy_row.dtype, device=energy_row.device)
     eps = torch.finfo(energy_row.dtype).eps
 
