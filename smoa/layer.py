@@ -23,6 +23,7 @@ __all__ = [
     "INIT_WEIGHTS",
     "SMoALinear",
     "check_smoa_arguments",
+    "check_zero_padding",
     "init_block_factors",
     "modulated_merge",
     "modulated_unmerge",
@@ -173,7 +174,7 @@ def check_smoa_arguments(
         raise ValueError(f"ordering={ordering!r} is not one of {ORDERINGS}")
 
 
-def _check_padding(state_dict, prefix, block_ranks, key_A, key_B, row_order, col_order) -> None:
+def check_zero_padding(state_dict, prefix, block_ranks, key_A, key_B, row_order, col_order) -> None:
     """Refuse factors whose zero padding (uneven block ranks) is not zero: they would compute another function."""
     mask_A, mask_B = padding_masks(block_ranks, row_order, col_order)
     for key, mask in ((key_A, mask_A), (key_B, mask_B)):
@@ -197,7 +198,9 @@ class SMoALinear(nn.Module):
         alpha: the scale numerator, ``s = alpha / r``; ``None`` means ``alpha = r`` (s = 1), the paper's default.
         dropout: dropout probability on the adapter path only (identity in eval mode).
         ordering: ``"spectral"`` (SPEC §1), ``"identity"`` or ``"random"`` (seeded by ``seed``) — the ablations.
-        svd_dtype: precision of the SVD behind the spectral ordering (float32 or float64).
+        svd_dtype: float32 or float64; kept for compatibility (it sets the precision of the literal SVD route,
+            ``smoa.partition.spectral_orders(..., method="svd")``): the ordering itself is computed from the smaller
+            Gram matrix in float64, whose orders equal a float64 SVD's (see :mod:`smoa.partition`).
         factor_dtype: dtype of the trainable factors; default fp32 over a half-precision base, else W0's dtype.
         init_weights: ``True`` — A kaiming-uniform per block, B = 0 (an exact no-op); ``"gaussian"`` — A ~ N(0, 1/r_k),
             B = 0; ``False`` — B random too, strong enough that ΔW is of W0's magnitude (tests, debugging).
@@ -412,7 +415,7 @@ class SMoALinear(nn.Module):
             if prefix + name in state_dict:
                 validate_order(prefix + name, state_dict[prefix + name], size)
                 state_dict[prefix + name] = state_dict[prefix + name].long()  # int16/int32 files, int64 in memory
-        _check_padding(state_dict, prefix, self.block_ranks, "smoa_A.weight", "smoa_B.weight",
+        check_zero_padding(state_dict, prefix, self.block_ranks, "smoa_A.weight", "smoa_B.weight",
                        state_dict.get(prefix + "row_order", self.row_order),
                        state_dict.get(prefix + "col_order", self.col_order))  # fmt: skip
         for name, param in (("smoa_A.weight", self.smoa_A.weight), ("smoa_B.weight", self.smoa_B.weight)):

@@ -30,8 +30,8 @@ from transformers.pytorch_utils import Conv1D
 
 from smoa.backends import smoa_linear
 from smoa.layer import (
-    _check_padding,
     check_smoa_arguments,
+    check_zero_padding,
     init_block_factors,
     modulated_merge,
     modulated_unmerge,
@@ -229,7 +229,7 @@ class SMoALayer(BaseTunerLayer):
                     state_dict[key] = state_dict[key].long()  # int16/int32 in files, int64 in memory
             if all(f"{prefix}{attr}.{adapter_name}" in state_dict for attr in ("smoa_row_order", "smoa_col_order")):
                 self._smoa_orders_pending.discard(adapter_name)
-                _check_padding(state_dict, prefix, self.block_ranks[adapter_name], f"smoa_A.{adapter_name}.weight",
+                check_zero_padding(state_dict, prefix, self.block_ranks[adapter_name], f"smoa_A.{adapter_name}.weight",
                                f"smoa_B.{adapter_name}.weight", state_dict[f"{prefix}smoa_row_order.{adapter_name}"],
                                state_dict[f"{prefix}smoa_col_order.{adapter_name}"])  # fmt: skip
         nn.Module._load_from_state_dict(
