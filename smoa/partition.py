@@ -9,7 +9,8 @@ when d_out ≤ d_in, else ``W0ᵀ W0 = V σ² Vᵀ``) and the other side from on
 in float64: a Gram matrix squares the condition number, and in fp32 its small eigenpairs lose the precision that the
 scores' large spectral indices weigh. In float64 its orders equal the float64 SVD route's (``method="svd"``) on generic
 weights (tested) and on all 210 linear layers of SmolLM2-135M (0 of 305,280 positions differ, where the float32 SVD
-differs at 306 and an fp32 Gram at 264), at 2-4× less time than an fp32 SVD. On exact or near ties of the scores
+differs at 308 and an fp32 Gram at 264). All-linear SmolLM2-135M attaches in 7.2 s on 2 CPU cores against 11.7 s for
+the fp32 SVD route and 37 s for the previous release (benchmarks/attach_time.py, README "Attach time"). On exact or near ties of the scores
 (equal within rounding, e.g. repeated singular values, whose singular vectors are not unique) the two routes may
 order the tied indices differently: neither side is more right; a stable sort keeps index order among scores that
 come out exactly equal, and the saved orders make the result of attach time final.
