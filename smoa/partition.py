@@ -4,16 +4,16 @@ Computed once, when an adapter is attached; afterwards the orders are state (buf
 never re-derived on load — a re-derived SVD can reorder near-ties and silently scramble a trained adapter.
 
 The scores need only the row energies ``U²σ²`` and the column energies ``V²σ²``, not a full SVD. The default route
-(``method="gram"``) takes them from a symmetric eigendecomposition of the smaller Gram matrix (``W0 W0ᵀ = U σ² Uᵀ``
-when d_out ≤ d_in, else ``W0ᵀ W0 = V σ² Vᵀ``) and the other side from one GEMM (``W0ᵀ U = V σ``, or ``W0 V = U σ``),
-in float64: a Gram matrix squares the condition number, and in fp32 its small eigenpairs lose the precision that the
+(``method="gram"``) takes them from a symmetric eigendecomposition of the smaller Gram matrix (``W0 W0ᵀ = U σ² Uᵀ`` when
+d_out ≤ d_in, else ``W0ᵀ W0 = V σ² Vᵀ``) and the other side from one GEMM (``W0ᵀ U = V σ``, or ``W0 V = U σ``), in
+float64: a Gram matrix squares the condition number, and in fp32 its small eigenpairs lose the precision that the
 scores' large spectral indices weigh. In float64 its orders equal the float64 SVD route's (``method="svd"``) on generic
 weights (tested) and on all 210 linear layers of SmolLM2-135M (0 of 305,280 positions differ, where the float32 SVD
-differs at 308 and an fp32 Gram at 264). All-linear SmolLM2-135M attaches in 7.2 s on 2 CPU cores against 11.7 s for
-the fp32 SVD route and 37 s for the previous release (benchmarks/attach_time.py, README "Attach time"). On exact or near ties of the scores
-(equal within rounding, e.g. repeated singular values, whose singular vectors are not unique) the two routes may
-order the tied indices differently: neither side is more right; a stable sort keeps index order among scores that
-come out exactly equal, and the saved orders make the result of attach time final.
+differs at 308 and an fp32 Gram at 264). All-linear SmolLM2-135M attaches in 7.2 s on 2 CPU cores against 11.7 s for the
+fp32 SVD route and 37 s for the previous release (benchmarks/attach_time.py, README "Attach time"). On exact or near
+ties of the scores (equal within rounding, e.g. repeated singular values, whose singular vectors are not unique) the two
+routes may order the tied indices differently: neither side is more right; a stable sort keeps index order among scores
+that come out exactly equal, and the saved orders make the result of attach time final.
 """
 
 from __future__ import annotations

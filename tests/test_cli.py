@@ -148,3 +148,15 @@ def test_default_bench_providers_on_cpu_are_only_the_runnable_ones():
     cpu = torch.device("cpu")
     assert providers == tuple(name for name, p in PROVIDERS.items() if p.unavailable(cpu) is None)
     assert "smoa-triton" not in providers and "smoa-torch" in providers and "frozen" in providers
+
+
+def test_the_product_does_not_depend_on_the_research_harness():
+    import ast
+
+    for path in [*(ROOT / "smoa").rglob("*.py"), *(ROOT / "smoa_kernels").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.append(node.module)
+            assert not any(name.split(".")[0] == "experiments" for name in names), path
+    assert 'include = ["smoa*", "smoa_kernels*"]' in (ROOT / "pyproject.toml").read_text()  # experiments/ not installed
