@@ -26,17 +26,94 @@ from smoa.partition import ORDERINGS, compute_orders, validate_order
 from smoa_kernels.reference import blocks_to_lora, dense_delta_weight, lora_to_blocks
 
 __all__ = [
+    "INIT_WEIGHTS",
     "MergeRecord",
     "SMoALinear",
     "allow_missing_orders",
     "check_smoa_arguments",
+    "check_zero_padding",
     "exact_merge",
     "exact_unmerge",
+    "init_block_factors",
     "modulated_merge",
     "modulated_unmerge",
+    "order_storage_dtype",
+    "padding_masks",
     "partition_info",
+    "resolve_block_ranks",
     "smoa_modulation",
 ]
+
+INIT_WEIGHTS = (True, False, "gaussian")
+
+
+def resolve_block_ranks(r: int, num_blocks: int, block_ranks=None) -> tuple[int, ...]:
+    """The rank r_k of every block: ``block_ranks`` if given (``num_blocks`` integers ≥ 0 summing to ``r``), else the
+    authors' split of the total ``r``: ``r // num_blocks`` each, the first ``r % num_blocks`` blocks one more."""
+    if block_ranks is None:
+        return tuple(r // num_blocks + (k < r % num_blocks) for k in range(num_blocks))
+    if isinstance(block_ranks, (str, bytes)) or not hasattr(block_ranks, "__len__"):
+        raise TypeError(f"block_ranks must be a list of {num_blocks} ints, got {block_ranks!r}")
+    ranks = tuple(block_ranks)
+    if len(ranks) != num_blocks:
+        raise ValueError(f"block_ranks={list(ranks)} has {len(ranks)} entries, expected num_blocks={num_blocks}")
+    for rank in ranks:
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 0:
+            raise ValueError(f"block_ranks={list(ranks)}: every entry must be an int >= 0")
+    if sum(ranks) != r:
+        raise ValueError(f"block_ranks={list(ranks)} sums to {sum(ranks)} but r={r}; set r={sum(ranks)}")
+    return tuple(int(rank) for rank in ranks)
+
+
+def padding_masks(block_ranks, row_order: torch.Tensor, col_order: torch.Tensor):
+    """``(mask_A, mask_B)``: True at the zero padding of the LoRA-shaped factors (``Â``: r_max×d_in, ``B̂``:
+    d_out×r_max) — rank slots ``j ≥ r_k`` of block k — or ``(None, None)`` when every block has the same rank."""
+    if len(set(block_ranks)) <= 1:
+        return None, None
+    r_max, num_blocks = max(block_ranks), len(block_ranks)
+    slots = torch.arange(r_max, device=row_order.device)
+    mask_A = torch.zeros(r_max, col_order.numel(), dtype=torch.bool, device=row_order.device)
+    mask_B = torch.zeros(row_order.numel(), r_max, dtype=torch.bool, device=row_order.device)
+    for R_k, C_k, r_k in zip(torch.tensor_split(row_order, num_blocks), torch.tensor_split(col_order, num_blocks),
+                             block_ranks):  # fmt: skip
+        mask_A[:, C_k.long()] = (slots >= r_k)[:, None]
+        mask_B[R_k.long(), :] = (slots >= r_k)[None, :]
+    return mask_A, mask_B
+
+
+def order_storage_dtype(size: int) -> torch.dtype:
+    """The smallest signed integer dtype that holds the indices of an order over ``range(size)`` (saved files)."""
+    for dtype in (torch.int8, torch.int16, torch.int32):
+        if size - 1 <= torch.iinfo(dtype).max:
+            return dtype
+    return torch.int64
+
+
+def init_block_factors(sizes, block_ranks, init_weights=True, device=None):
+    """Per-block factors ``[(A_k, B_k)]`` (fp32) for block sizes ``[(|R_k|, |C_k|)]`` and ranks r_k (SPEC §2 init).
+
+    ``True``: ``A_k`` kaiming-uniform(a=√5) over its fan-in |C_k|, ``B_k = 0`` (an exact no-op). ``"gaussian"``:
+    ``A_k ~ N(0, 1/r_k)``, ``B_k = 0`` (LoRA's "gaussian"). ``False``: ``A_k`` as for ``True`` and ``B_k ~ N(0,
+    3|C_k|/r_k)``, so that every entry of ``P_k = B_k A_k`` has unit variance and ``ΔW = P ⊙ W0`` is of W0's own
+    magnitude on every layer — a LoRA-style random B gives a change of only ~1/(3√|C_k|) of W0, which is invisible
+    on small-weight layers (for tests and debugging: two such adapters give visibly different outputs).
+    """
+    if init_weights not in INIT_WEIGHTS or not isinstance(init_weights, (bool, str)):
+        raise ValueError(f"init_weights={init_weights!r} is not one of {INIT_WEIGHTS}")
+    blocks = []
+    for (rows, cols), rank in zip(sizes, block_ranks):
+        A_k = torch.empty(rank, cols, device=device)
+        B_k = torch.zeros(rows, rank, device=device)
+        if A_k.numel() == 0:  # r_k = 0 (or an empty band): nothing to draw
+            pass
+        elif init_weights == "gaussian":
+            nn.init.normal_(A_k, std=1 / math.sqrt(rank))
+        else:
+            nn.init.kaiming_uniform_(A_k, a=math.sqrt(5))
+        if init_weights is False and rank > 0:
+            nn.init.normal_(B_k, std=math.sqrt(3 * cols / rank))
+        blocks.append((A_k, B_k))
+    return blocks
 
 
 def smoa_modulation(weight: torch.Tensor, adapters) -> torch.Tensor:
@@ -258,7 +335,14 @@ def missing_orders_allowed() -> bool:
 
 
 def check_smoa_arguments(
-    in_features: int, out_features: int, r: int, num_blocks: int, alpha: float | None, dropout: float, ordering: str
+    in_features: int,
+    out_features: int,
+    r: int,
+    num_blocks: int,
+    alpha: float | None,
+    dropout: float,
+    ordering: str,
+    block_ranks=None,
 ) -> None:
     """Raise ``ValueError``/``TypeError`` naming the argument for every SMoA hyper-parameter that cannot work."""
     for name, value in (("r", r), ("num_blocks", num_blocks)):
@@ -270,11 +354,7 @@ def check_smoa_arguments(
         raise ValueError(
             f"num_blocks={num_blocks} exceeds min(in_features, out_features)={min(in_features, out_features)}"
         )
-    if r % num_blocks:
-        raise ValueError(
-            f"r={r} is not divisible by num_blocks={num_blocks}: every block gets rank r/num_blocks "
-            f"(use r={num_blocks * max(1, round(r / num_blocks))})"
-        )
+    resolve_block_ranks(r, num_blocks, block_ranks)
     if alpha is not None and (
         isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha == 0
     ):
@@ -308,19 +388,38 @@ def _save_unmerged_weight(module: SMoALinear, state_dict, prefix: str, local_met
         state_dict[prefix + "weight"] = module._original_weight().clone()
 
 
+def check_zero_padding(state_dict, prefix, block_ranks, key_A, key_B, row_order, col_order) -> None:
+    """Refuse factors whose zero padding (uneven block ranks) is not zero: they would compute another function."""
+    mask_A, mask_B = padding_masks(block_ranks, row_order, col_order)
+    for key, mask in ((key_A, mask_A), (key_B, mask_B)):
+        value = state_dict.get(prefix + key)
+        if mask is not None and value is not None and tuple(value.shape) == tuple(mask.shape):
+            if bool((value.detach()[mask.to(value.device)] != 0).any()):
+                raise ValueError(
+                    f"{prefix + key} has non-zero entries in the zero padding of block_ranks={list(block_ranks)} "
+                    "(rank slots j >= r_k of block k must be 0)"
+                )
+
+
 class SMoALinear(nn.Module):
     """A frozen linear layer ``y = x W0ᵀ + b`` plus the SMoA update ``s · dropout(x) ΔWᵀ`` (SPEC §2).
 
     Args:
         in_features, out_features, bias, device, dtype: as for ``nn.Linear`` (W0 is initialised like it, then frozen).
-        r: the total rank budget (SPEC's r); every block gets rank ``r // num_blocks``.
+        r: the total rank budget (SPEC's r); block k gets rank r_k = ``r // num_blocks``, the first ``r % num_blocks``
+            blocks one more (the authors' split), or ``block_ranks[k]``. The scale stays ``s = alpha / r``.
         num_blocks: K, the number of spectral blocks (K = 1 is HiRA with a scale s).
         alpha: the scale numerator, ``s = alpha / r``; ``None`` means ``alpha = r`` (s = 1), the paper's default.
         dropout: dropout probability on the adapter path only (identity in eval mode).
         ordering: ``"spectral"`` (SPEC §1), ``"identity"`` or ``"random"`` (seeded by ``seed``) — the ablations.
-        svd_dtype: precision of the SVD behind the spectral ordering (float32 or float64).
+        svd_dtype: float32 or float64; kept for compatibility (it sets the precision of the literal SVD route,
+            ``smoa.partition.spectral_orders(..., method="svd")``): the ordering itself is computed from the smaller
+            Gram matrix in float64, whose orders equal a float64 SVD's (see :mod:`smoa.partition`).
         factor_dtype: dtype of the trainable factors; default fp32 over a half-precision base, else W0's dtype.
-        init_weights: ``True`` — A kaiming-uniform per block, B = 0 (an exact no-op); ``False`` — B random too (tests).
+        init_weights: ``True`` — A kaiming-uniform per block, B = 0 (an exact no-op); ``"gaussian"`` — A ~ N(0, 1/r_k),
+            B = 0; ``False`` — B random too, strong enough that ΔW is of W0's magnitude (tests, debugging).
+        block_ranks: explicit per-block ranks (``num_blocks`` ints ≥ 0 summing to ``r``). Uneven ranks are stored
+            zero-padded to the largest (``smoa_A``: r_max×d_in); the padding gets exactly zero gradient and stays 0.
         backend: ``None`` (follow :func:`smoa.use_backend` / ``$SMOA_BACKEND``) or a name from ``smoa.BACKENDS``.
 
     The orders are validated wherever they enter (construction, ``layer.row_order = t``, ``load_state_dict`` in any
@@ -342,15 +441,16 @@ class SMoALinear(nn.Module):
         seed: int = 0,
         svd_dtype: torch.dtype = torch.float32,
         factor_dtype: torch.dtype | None = None,
-        init_weights: bool = True,
+        init_weights: bool | str = True,
         backend: str | None = None,
+        block_ranks: list[int] | None = None,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._attach(base.weight, base.bias, r, num_blocks, alpha, dropout, ordering, seed, svd_dtype,
-                     factor_dtype, init_weights, backend)  # fmt: skip
+                     factor_dtype, init_weights, backend, block_ranks)  # fmt: skip
 
     @classmethod
     def from_linear(
@@ -365,8 +465,9 @@ class SMoALinear(nn.Module):
         seed: int = 0,
         svd_dtype: torch.dtype = torch.float32,
         factor_dtype: torch.dtype | None = None,
-        init_weights: bool = True,
+        init_weights: bool | str = True,
         backend: str | None = None,
+        block_ranks: list[int] | None = None,
     ) -> SMoALinear:
         """Wrap an existing ``nn.Linear``: its ``weight``/``bias`` Parameters are shared (not copied) and frozen."""
         if not isinstance(linear, nn.Linear):
@@ -379,14 +480,17 @@ class SMoALinear(nn.Module):
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._attach(linear.weight, linear.bias, r, num_blocks, alpha, dropout, ordering, seed, svd_dtype,
-                      factor_dtype, init_weights, backend)  # fmt: skip
+                      factor_dtype, init_weights, backend, block_ranks)  # fmt: skip
         return layer
 
     def _attach(self, weight, bias, r, num_blocks, alpha, dropout, ordering, seed, svd_dtype, factor_dtype,
-                init_weights, backend) -> None:  # fmt: skip
+                init_weights, backend, block_ranks=None) -> None:  # fmt: skip
         # Everything is checked and computed before the wrapped nn.Linear is touched: a failure leaves it as it was.
         out_features, in_features = weight.shape
-        check_smoa_arguments(in_features, out_features, r, num_blocks, alpha, dropout, ordering)
+        check_smoa_arguments(in_features, out_features, r, num_blocks, alpha, dropout, ordering, block_ranks)
+        if init_weights not in INIT_WEIGHTS or not isinstance(init_weights, (bool, str)):
+            raise ValueError(f"init_weights={init_weights!r} is not one of {INIT_WEIGHTS}")
+        block_ranks = resolve_block_ranks(int(r), int(num_blocks), block_ranks)
         backend = None if backend is None else check_backend_name(backend)
         _check_layer_inputs(weight, svd_dtype, factor_dtype)
         if weight.is_meta:  # the orders must then come from a checkpoint (see _orders_pending)
@@ -396,11 +500,12 @@ class SMoALinear(nn.Module):
             row_order, col_order = compute_orders(weight, ordering, seed=seed, svd_dtype=svd_dtype)
         if factor_dtype is None:
             factor_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        rank = int(r) // int(num_blocks)
+        rank = max(block_ranks)  # uneven ranks: zero-padded to the largest
         smoa_A = nn.Linear(in_features, rank, bias=False, device=weight.device, dtype=factor_dtype)
         smoa_B = nn.Linear(rank, out_features, bias=False, device=weight.device, dtype=factor_dtype)
         info = partition_info(weight, int(num_blocks), int(r), ordering)
 
+        self.block_ranks = block_ranks
         self.backend = backend
         self.in_features, self.out_features = in_features, out_features
         self.r, self.num_blocks, self.ordering = int(r), int(num_blocks), ordering
@@ -508,23 +613,16 @@ class SMoALinear(nn.Module):
 
     @property
     def rank_per_block(self) -> int:
-        return self.r // self.num_blocks
+        """r_k when every block has the same rank, else the largest r_k (the padded width of the factors)."""
+        return max(self.block_ranks)
 
     @torch.no_grad()
-    def reset_smoa_parameters(self, init_weights: bool = True) -> None:
-        """SPEC §2 init: every ``A_k`` kaiming-uniform(a=√5) over its own fan-in |C_k|; ``B = 0`` (exact no-op).
-
-        ``init_weights=False`` draws every ``B_k`` the same way (a non-trivial adapter, for tests and debugging).
-        """
-        blocks = []
-        for A_k, B_k in self.block_factors():
-            nn.init.kaiming_uniform_(A_k, a=math.sqrt(5))
-            if init_weights:
-                B_k.zero_()
-            else:
-                nn.init.kaiming_uniform_(B_k, a=math.sqrt(5))
-            blocks.append((A_k, B_k))
-        self.load_block_factors(blocks)
+    def reset_smoa_parameters(self, init_weights: bool | str = True) -> None:
+        """SPEC §2 init (see :func:`init_block_factors`): ``True`` — every ``A_k`` kaiming-uniform(a=√5) over its own
+        fan-in |C_k|, ``B = 0`` (exact no-op); ``"gaussian"`` — ``A_k ~ N(0, 1/r_k)``, ``B = 0``; ``False`` — a random
+        ``B`` too, strong enough that ΔW is of W0's own magnitude."""
+        sizes = [(B_k.shape[0], A_k.shape[1]) for A_k, B_k in self.block_factors()]
+        self.load_block_factors(init_block_factors(sizes, self.block_ranks, init_weights, self.smoa_A.weight.device))
 
     # ---- the official per-block layout -------------------------------------------------------------------------
     def block_factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -532,8 +630,9 @@ class SMoALinear(nn.Module):
         self._check_orders()
         with torch.no_grad():
             blocks = lora_to_blocks(
-                self.smoa_A.weight, self.smoa_B.weight, self.row_order, self.col_order, self.num_blocks
-            )
+                self.smoa_A.weight, self.smoa_B.weight, self.row_order, self.col_order, self.num_blocks,
+                self.block_ranks,
+            )  # fmt: skip
             return [(A_k.detach().clone(), B_k.detach().clone()) for A_k, B_k in blocks]
 
     @torch.no_grad()
@@ -544,15 +643,16 @@ class SMoALinear(nn.Module):
         if len(blocks) != self.num_blocks:
             raise ValueError(f"blocks has {len(blocks)} entries, expected num_blocks={self.num_blocks}")
         expected = [(tuple(A.shape), tuple(B.shape)) for A, B in lora_to_blocks(
-            self.smoa_A.weight, self.smoa_B.weight, self.row_order, self.col_order, self.num_blocks)]  # fmt: skip
+            self.smoa_A.weight, self.smoa_B.weight, self.row_order, self.col_order, self.num_blocks,
+            self.block_ranks)]  # fmt: skip
         for k, ((A_k, B_k), (shape_A, shape_B)) in enumerate(zip(blocks, expected)):
             if tuple(A_k.shape) != shape_A or tuple(B_k.shape) != shape_B:
                 raise ValueError(
                     f"blocks[{k}] has shapes A={tuple(A_k.shape)}, B={tuple(B_k.shape)}; expected A={shape_A}, "
-                    f"B={shape_B} (r_k={self.rank_per_block}, |C_k|, |R_k| from the stored orders)"
+                    f"B={shape_B} (r_k={self.block_ranks[k]}, |C_k|, |R_k| from the stored orders)"
                 )
         lora_A, lora_B = blocks_to_lora(blocks, self.row_order, self.col_order)
-        self.smoa_A.weight.copy_(lora_A)
+        self.smoa_A.weight.copy_(lora_A)  # r_max rows: uneven ranks come zero-padded from blocks_to_lora
         self.smoa_B.weight.copy_(lora_B)
 
     # ---- forward ------------------------------------------------------------------------------------------------
@@ -637,6 +737,14 @@ class SMoALinear(nn.Module):
         self.weight.__dict__.pop("_smoa_merged_by", None)
 
     # ---- state --------------------------------------------------------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        """Orders are saved in the smallest integer dtype that holds them (int16 up to 32,768 features: files 4×
+        smaller than int64); in memory they stay int64, which the kernels index with."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, size in (("row_order", self.out_features), ("col_order", self.in_features)):
+            if prefix + name in destination:
+                destination[prefix + name] = destination[prefix + name].to(order_storage_dtype(size))
+
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The adapter without W0 (keys as in ``state_dict()``): factors, orders and the partition record (K, r,
         shape, ordering, a fingerprint of W0). ``load_state_dict(..., strict=False)`` takes it back; a load of factors
@@ -688,6 +796,9 @@ class SMoALinear(nn.Module):
                         f"out_features={self.out_features})"
                     )
                 check_loaded_tensor(keys[name], value)
+        if orders:  # uneven block ranks: the zero padding of the loaded factors must be zero
+            check_zero_padding(state_dict, prefix, self.block_ranks, "smoa_A.weight", "smoa_B.weight",
+                               state_dict[keys["row_order"]], state_dict[keys["col_order"]])  # fmt: skip
         if "partition_info" in present:
             check_partition_info(keys["partition_info"], state_dict[keys["partition_info"]], self.num_blocks, self.r,
                                  self.out_features, self.in_features)  # fmt: skip
@@ -718,6 +829,8 @@ class SMoALinear(nn.Module):
         dropout = self.smoa_dropout.p if isinstance(self.smoa_dropout, nn.Dropout) else 0.0
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-            f"num_blocks={self.num_blocks}, alpha={self.alpha:g}, dropout={dropout:g}, ordering={self.ordering}, "
+            f"num_blocks={self.num_blocks}, "
+            + (f"block_ranks={list(self.block_ranks)}, " if len(set(self.block_ranks)) > 1 else "")
+            + f"alpha={self.alpha:g}, dropout={dropout:g}, ordering={self.ordering}, "
             f"backend={self.backend or 'follow'}, bias={self.bias is not None}, merged={self.merged}"
         )

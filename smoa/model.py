@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from smoa.layer import SMoALinear
+from smoa.partition import partition_progress
 
 __all__ = ["adapter_state_dict", "apply_smoa", "merge_smoa", "smoa_layers"]
 
@@ -89,12 +90,13 @@ def apply_smoa(
     names = _select_targets(model, target_modules, exclude_modules)
     flags = {param: param.requires_grad for param in model.parameters()}
     try:  # every layer is built (and every argument checked) before the model is touched
-        new_layers = {
-            name: SMoALinear.from_linear(
-                model.get_submodule(name), r, num_blocks, alpha, dropout, ordering, **layer_options
-            )
-            for name in names
-        }
+        with partition_progress(len(names)):
+            new_layers = {
+                name: SMoALinear.from_linear(
+                    model.get_submodule(name), r, num_blocks, alpha, dropout, ordering, **layer_options
+                )
+                for name in names
+            }
     except Exception:
         for param, flag in flags.items():  # a layer built before the failing one froze its nn.Linear
             param.requires_grad_(flag)

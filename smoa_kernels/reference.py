@@ -22,28 +22,39 @@ __all__ = ["blocks_to_lora", "dense_delta_weight", "lora_to_blocks", "smoa_linea
 
 
 def lora_to_blocks(
-    lora_A: torch.Tensor, lora_B: torch.Tensor, row_order: torch.Tensor, col_order: torch.Tensor, num_blocks: int
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    row_order: torch.Tensor,
+    col_order: torch.Tensor,
+    num_blocks: int,
+    block_ranks: list[int] | tuple[int, ...] | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``[(A_k, B_k)]`` with ``A_k = Â[:, C_k]`` (r_k×|C_k|) and ``B_k = B̂[R_k, :]`` (|R_k|×r_k)."""
+    """``[(A_k, B_k)]`` with ``A_k = Â[:r_k, C_k]`` (r_k×|C_k|) and ``B_k = B̂[R_k, :r_k]`` (|R_k|×r_k).
+
+    ``block_ranks=None``: every block uses all of Â's rows (equal ranks). Uneven ranks are stored zero-padded to the
+    largest one: block k uses its first r_k rank slots and the rest are exactly zero.
+    """
     row_blocks = torch.tensor_split(row_order, num_blocks)
     col_blocks = torch.tensor_split(col_order, num_blocks)
-    return [(lora_A[:, C_k], lora_B[R_k, :]) for R_k, C_k in zip(row_blocks, col_blocks)]
+    ranks = [lora_A.shape[0]] * num_blocks if block_ranks is None else list(block_ranks)
+    return [(lora_A[:r_k, C_k], lora_B[R_k, :r_k]) for R_k, C_k, r_k in zip(row_blocks, col_blocks, ranks)]
 
 
 def blocks_to_lora(
     blocks: list[tuple[torch.Tensor, torch.Tensor]], row_order: torch.Tensor, col_order: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`lora_to_blocks`: scatter per-block factors into ``(Â, B̂)`` (SPEC §3)."""
+    """Inverse of :func:`lora_to_blocks`: scatter per-block factors into ``(Â, B̂)`` (SPEC §3); blocks of uneven rank
+    are zero-padded to the largest rank r_max (``Â``: r_max×d_in, ``B̂``: d_out×r_max)."""
     num_blocks = len(blocks)
     row_blocks = torch.tensor_split(row_order, num_blocks)
     col_blocks = torch.tensor_split(col_order, num_blocks)
-    rank = blocks[0][0].shape[0]
+    rank = max(A_k.shape[0] for A_k, _ in blocks)
     ref = blocks[0][0]
     lora_A = torch.zeros(rank, col_order.numel(), dtype=ref.dtype, device=ref.device)
     lora_B = torch.zeros(row_order.numel(), rank, dtype=ref.dtype, device=ref.device)
     for (A_k, B_k), R_k, C_k in zip(blocks, row_blocks, col_blocks):
-        lora_A[:, C_k] = A_k
-        lora_B[R_k, :] = B_k
+        lora_A[: A_k.shape[0], C_k] = A_k
+        lora_B[R_k, : B_k.shape[1]] = B_k
     return lora_A, lora_B
 
 

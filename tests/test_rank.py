@@ -1,4 +1,4 @@
-"""smoa.rank: numerical and entropy effective rank on matrices of known rank, and the report/CLI plumbing."""
+"""experiments.rank: numerical and entropy effective rank on matrices of known rank, and the report/CLI plumbing."""
 
 import json
 import math
@@ -6,7 +6,15 @@ import math
 import pytest
 import torch
 
-from smoa.rank import _layer_kind, effective_rank, load_spectra, markdown, numerical_rank, rank_report, singular_values
+from experiments.rank import (
+    _layer_kind,
+    effective_rank,
+    load_spectra,
+    markdown,
+    numerical_rank,
+    rank_report,
+    singular_values,
+)
 
 
 def _matrix_of_rank(rank: int, rows: int = 40, cols: int = 30, seed: int = 0) -> torch.Tensor:

@@ -62,7 +62,7 @@ class BenchConfig:
     min_time: float | None = None  # seconds of timed calls per measurement
     reps: int | None = None  # at least this many timed samples
     quick: bool = False
-    output_dir: str | Path = "bench-results"
+    output_dir: str | Path = "smoa-results/bench"  # in the current directory; git-ignored in this repository
     csv: bool = True
     plot: bool = True
     check: bool = True
@@ -89,7 +89,7 @@ class BenchConfig:
         resolved = dataclasses.replace(
             self,
             device=device,
-            providers=tuple(PROVIDERS) if self.providers is None else tuple(self.providers),
+            providers=_runnable_providers(device) if self.providers is None else tuple(self.providers),
             modes=MODES if self.modes is None else tuple(self.modes),
             **{name: tuple(value) if isinstance(value, list) else value for name, value in filled.items()},
         )
@@ -142,6 +142,11 @@ class BenchConfig:
         if not self.check:
             parts.append("--no-check")
         return " ".join(parts)
+
+
+def _runnable_providers(device: str) -> tuple[str, ...]:
+    """The default provider list: every registered provider that can run on ``device`` (no rows of "skipped")."""
+    return tuple(name for name, provider in PROVIDERS.items() if provider.unavailable(torch.device(device)) is None)
 
 
 @dataclass
@@ -487,7 +492,8 @@ K {",".join(map(str, CUDA_DEFAULTS["blocks"]))}, --min-time {CUDA_DEFAULTS["min_
 output (under --output-dir): smoa_bench.csv (appended, one row per measurement, with device name, thread count,
 versions, timestamp and the reproducing command) and smoa_bench_<device>_<d_in>x<d_out>_<dtype>[_t<threads>].png
 (time vs N, one panel per mode and (r, K), frozen in black, floors dotted). Out-of-memory and failing providers
-are reported in the table and the run goes on; a CUDA-only provider on CPU is skipped with the reason. Exit status
+are reported in the table and the run goes on; by default only the providers that can run on the device are run (a
+CUDA-only provider named with --providers on CPU is reported as skipped with the reason). Exit status
 1 if any provider failed its correctness check or raised an error.
 
 examples:
@@ -517,7 +523,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--blocks", "-K", type=_int_list, help="comma-separated block counts K (r %% K == 0)")
     parser.add_argument(
         "--providers", type=_choices(lambda: tuple(PROVIDERS), "provider"),
-        help=f"comma-separated subset of: {', '.join(PROVIDERS)} (default: all)",
+        help=f"comma-separated subset of: {', '.join(PROVIDERS)} (default: all that can run on the device)",
     )  # fmt: skip
     parser.add_argument(
         "--modes", type=_choices(lambda: MODES, "mode"), help=f"comma-separated subset of: {', '.join(MODES)}"
@@ -525,7 +531,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--min-time", type=float, help="seconds of timed calls per measurement (default: per device)")
     parser.add_argument("--reps", type=int, help="at least this many timed samples per measurement")
     parser.add_argument("--quick", action="store_true", help="a small grid and short timings (a smoke run)")
-    parser.add_argument("--output-dir", default="bench-results", help="where the CSV and PNG go (default: %(default)s)")
+    parser.add_argument(
+        "--output-dir", default="smoa-results/bench", help="where the CSV and PNG go (default: %(default)s, in the cwd)"
+    )
     parser.add_argument("--no-plot", dest="plot", action="store_false", help="do not draw the PNG")
     parser.add_argument("--no-csv", dest="csv", action="store_false", help="do not append to the CSV")
     parser.add_argument(

@@ -4,9 +4,11 @@ State per adapter name, in LoRA's layout so that PEFT, FSDP's auto-wrap policy a
 
 - ``smoa_A[name]``: ``nn.Linear(d_in, r_k)``, weight = Â (r_k×d_in); ``smoa_B[name]``: ``nn.Linear(r_k, d_out)``,
   weight = B̂ (d_out×r_k) — SPEC §3's LoRA-shaped factors in original coordinates (trainable leaf modules);
-- ``smoa_row_order[name]`` / ``smoa_col_order[name]``: the spectral orders (SPEC §1), persistent int64 buffers saved
-  in ``adapter_model.safetensors`` next to the factors and never re-derived on load;
-- ``r``, ``lora_alpha``, ``scaling`` (s = lora_alpha / r), ``num_blocks``, ``smoa_dropout``.
+- ``smoa_row_order[name]`` / ``smoa_col_order[name]``: the spectral orders (SPEC §1), persistent buffers (int64 in
+  memory, saved in the smallest integer dtype that holds them, e.g. int16) in ``adapter_model.safetensors`` next to
+  the factors and never re-derived on load;
+- ``r``, ``lora_alpha``, ``scaling`` (s = lora_alpha / r), ``num_blocks``, ``block_ranks`` (r_k; uneven ranks are
+  zero-padded to the largest in the factors), ``smoa_dropout``.
 
 The math is not here: the forward calls :func:`smoa.backends.smoa_linear`, ΔW comes from
 :func:`smoa_kernels.reference.dense_delta_weight`. Merging is multiplicative, as in :class:`smoa.layer.SMoALinear`:
@@ -16,7 +18,6 @@ divides W0 back out and restores exactly the few entries that a division cannot 
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any
 
@@ -34,11 +35,15 @@ from smoa.layer import (
     check_loaded_tensor,
     check_partition_info,
     check_smoa_arguments,
+    check_zero_padding,
     exact_merge,
     exact_unmerge,
     fingerprint_differs,
+    init_block_factors,
     missing_orders_allowed,
+    order_storage_dtype,
     partition_info,
+    resolve_block_ranks,
     smoa_modulation,
     warn_w0_differs,
 )
@@ -88,6 +93,7 @@ class SMoALayer(BaseTunerLayer):
         "lora_alpha",
         "scaling",
         "num_blocks",
+        "block_ranks",
         "smoa_dropout",
         "smoa_row_order",
         "smoa_col_order",
@@ -100,6 +106,7 @@ class SMoALayer(BaseTunerLayer):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.num_blocks: dict[str, int] = {}
+        self.block_ranks: dict[str, tuple[int, ...]] = {}
         self.smoa_dropout = nn.ModuleDict({})
         self.smoa_A = nn.ModuleDict({})
         self.smoa_B = nn.ModuleDict({})
@@ -126,23 +133,33 @@ class SMoALayer(BaseTunerLayer):
         self.in_features, self.out_features = in_features, out_features
         self.smoa_row_order = _OrderDict(out_features, "smoa_row_order")
         self.smoa_col_order = _OrderDict(in_features, "smoa_col_order")
+        if isinstance(self, nn.Module):
+            self.register_state_dict_post_hook(_orders_in_smallest_dtype)
 
     # ---- W0 in SPEC orientation (d_out×d_in) -------------------------------------------------------------------
     def _base_weight(self) -> torch.Tensor:
         weight = self.get_base_layer().weight
         return weight.T if self.fan_in_fan_out else weight
 
-    def update_layer(self, adapter_name: str, r: int, lora_alpha: float | None, config: SMoAConfig, **kwargs) -> None:
+    def update_layer(
+        self, adapter_name: str, r: int, lora_alpha: float | None, config: SMoAConfig, block_ranks=None, **kwargs
+    ) -> None:
         base_weight = self._base_weight()
         if not base_weight.is_floating_point():
             raise NotImplementedError(
                 f"SMoA on a quantized base layer (weight dtype {base_weight.dtype}) is not supported yet: the anchor "
                 "W0 must be a dense floating-point weight"
             )
+        if block_ranks is None and isinstance(r, (list, tuple)):  # a rank_pattern value of per-block ranks
+            r, block_ranks = sum(r), r
+        elif block_ranks is None and getattr(config, "block_ranks", None) is not None and r == config.r:
+            block_ranks = config.block_ranks
         check_smoa_arguments(
-            self.in_features, self.out_features, r, config.num_blocks, lora_alpha, config.lora_dropout, config.ordering
-        )
+            self.in_features, self.out_features, r, config.num_blocks, lora_alpha, config.lora_dropout, config.ordering,
+            block_ranks,
+        )  # fmt: skip
         num_blocks = config.num_blocks
+        self.block_ranks[adapter_name] = resolve_block_ranks(r, num_blocks, block_ranks)
         alpha = float(r if lora_alpha is None else lora_alpha)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = alpha
@@ -174,7 +191,7 @@ class SMoALayer(BaseTunerLayer):
         info[3:5] = torch.tensor([self.out_features, self.in_features])  # the layer's shape, whatever W0's storage
         self.smoa_partition_info[adapter_name] = info.to(device if not base_weight.is_meta else "cpu")
 
-        rank = r // num_blocks
+        rank = max(self.block_ranks[adapter_name])  # uneven ranks: zero-padded to the largest
         factor_dtype = base_weight.dtype  # PEFT then upcasts half-precision adapters (autocast_adapter_dtype=True)
         self.smoa_A[adapter_name] = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=factor_dtype)
         self.smoa_B[adapter_name] = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=factor_dtype)
@@ -187,23 +204,16 @@ class SMoALayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters)
 
     @torch.no_grad()
-    def reset_smoa_parameters(self, adapter_name: str, init_weights: bool = True) -> None:
-        """SPEC §2 init: every ``A_k`` kaiming-uniform(a=√5) over its own fan-in |C_k|, ``B_k = 0`` (``init_weights``)
-        or kaiming-uniform too (``init_weights=False``). Drawn in fp32 per block, then scattered (SPEC §3)."""
+    def reset_smoa_parameters(self, adapter_name: str, init_weights: bool | str = True) -> None:
+        """SPEC §2 init, drawn in fp32 per block, then scattered (SPEC §3); see :func:`smoa.layer.init_block_factors`:
+        ``True`` — every ``A_k`` kaiming-uniform(a=√5) over its own fan-in |C_k|, ``B_k = 0``; ``"gaussian"`` —
+        ``A_k ~ N(0, 1/r_k)``, ``B_k = 0``; ``False`` — a random ``B_k`` too, so that ΔW is of W0's magnitude."""
         A, B = self.smoa_A[adapter_name].weight, self.smoa_B[adapter_name].weight
         rows, cols = self._orders(adapter_name)
-        rank = A.shape[0]
-        blocks = []
-        for R_k, C_k in zip(
-            torch.tensor_split(rows, self.num_blocks[adapter_name]),
-            torch.tensor_split(cols, self.num_blocks[adapter_name]),
-        ):
-            A_k = torch.empty(rank, C_k.numel(), device=A.device)
-            B_k = torch.zeros(R_k.numel(), rank, device=A.device)
-            nn.init.kaiming_uniform_(A_k, a=math.sqrt(5))
-            if not init_weights:
-                nn.init.kaiming_uniform_(B_k, a=math.sqrt(5))
-            blocks.append((A_k, B_k))
+        num_blocks = self.num_blocks[adapter_name]
+        sizes = [(R_k.numel(), C_k.numel()) for R_k, C_k in zip(torch.tensor_split(rows, num_blocks),
+                                                                 torch.tensor_split(cols, num_blocks))]  # fmt: skip
+        blocks = init_block_factors(sizes, self.block_ranks[adapter_name], init_weights, A.device)
         lora_A, lora_B = blocks_to_lora(blocks, rows, cols)
         A.copy_(lora_A)
         B.copy_(lora_B)
@@ -229,6 +239,9 @@ class SMoALayer(BaseTunerLayer):
                 # a loader that bypasses load_state_dict (transformers' load_adapter) wrote the saved orders
                 validate_order(f"smoa_row_order.{adapter_name}", rows, self.out_features)
                 validate_order(f"smoa_col_order.{adapter_name}", cols, self.in_features)
+                if rows.dtype != torch.long or cols.dtype != torch.long:  # assigned from an int16/int32 file
+                    self.smoa_row_order[adapter_name], self.smoa_col_order[adapter_name] = rows.long(), cols.long()
+                    rows, cols = self.smoa_row_order[adapter_name], self.smoa_col_order[adapter_name]
                 self._smoa_orders_pending.discard(adapter_name)
                 self._smoa_orders_lost.discard(adapter_name)
                 return rows, cols
@@ -311,6 +324,17 @@ class SMoALayer(BaseTunerLayer):
                 f"{prefix}smoa_A.{adapter_name}.weight" in state_dict,
                 f"{prefix}smoa_partition_info.{adapter_name}" in state_dict,
             )
+            rows_key, cols_key = f"{prefix}smoa_row_order.{adapter_name}", f"{prefix}smoa_col_order.{adapter_name}"
+            if rows_key in state_dict and cols_key in state_dict:  # uneven block ranks: the padding must be zero
+                check_zero_padding(
+                    state_dict,
+                    prefix,
+                    self.block_ranks[adapter_name],
+                    f"smoa_A.{adapter_name}.weight",
+                    f"smoa_B.{adapter_name}.weight",
+                    state_dict[rows_key],
+                    state_dict[cols_key],
+                )
         nn.Module._load_from_state_dict(
             self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
         )
@@ -427,6 +451,16 @@ class SMoALayer(BaseTunerLayer):
         # SMoA is additive, W = W0 + s·ΔW, and get_delta_weight returns s·ΔW anchored on the original W0; ΔW is
         # (nearly) full rank, so the LoRA export is exact only at rank min(d_in, d_out): see lora_export_error.
         return True
+
+
+def _orders_in_smallest_dtype(module: SMoALayer, state_dict: dict, prefix: str, local_metadata) -> None:
+    """State-dict post hook: the orders go to files in the smallest integer dtype that holds them (int16 up to 32,768
+    features: adapter files as small as LoRA's at equal trainable parameters); in memory they stay int64."""
+    for attr, size in (("smoa_row_order", module.out_features), ("smoa_col_order", module.in_features)):
+        for adapter_name in module.smoa_A:
+            key = f"{prefix}{attr}.{adapter_name}"
+            if key in state_dict:
+                state_dict[key] = state_dict[key].to(order_storage_dtype(size))
 
 
 class Linear(nn.Module, SMoALayer):

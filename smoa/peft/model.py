@@ -27,7 +27,7 @@ from peft.utils.other import get_pattern_key
 from torch import nn
 
 from smoa.layer import missing_orders_allowed
-from smoa.partition import validate_order
+from smoa.partition import partition_progress, validate_order
 
 from .bnb import dispatch_bnb
 from .config import SMoAConfig
@@ -70,10 +70,18 @@ class SMoAModel(BaseTuner):
         self.__dict__.setdefault("_smoa_flags_before", {})[adapter_name] = _requires_grad_flags(model)
         self.__dict__.setdefault("_smoa_unloaded", set()).add(adapter_name)  # no checkpoint loaded into it yet
         try:
-            super().inject_adapter(model, adapter_name, *args, **kwargs)
+            with partition_progress(self._count_targets(model, adapter_name)):
+                super().inject_adapter(model, adapter_name, *args, **kwargs)
         except Exception:
             _remove_adapter_layers(model, adapter_name, keep=existing)
             raise
+
+    def _count_targets(self, model: nn.Module, adapter_name: str) -> int | None:
+        """How many layers this injection adapts, for the progress bar (``None`` where PEFT resolves it later)."""
+        config = self.peft_config.get(adapter_name)
+        if config is None or config.target_modules is None or config.target_modules == "all-linear":
+            return None
+        return sum(bool(self._check_target_module_exists(config, key)) for key, _ in model.named_modules() if key)
 
     def _create_and_replace(self, config: SMoAConfig, adapter_name, target, target_name, parent, current_key) -> None:
         if current_key is None:

