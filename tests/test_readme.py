@@ -62,13 +62,13 @@ def test_python_block_runs_verbatim(line, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # whatever a block writes lands in a temporary folder
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    backend_stack, threads = list(smoa.backends._active), torch.get_num_threads()
+    backend_stack, threads = list(smoa.backends._stack()), torch.get_num_threads()
     torch.set_num_threads(1)  # on a shared CPU, two-thread OpenMP regions wait for descheduled partners (10x slower)
     try:
         exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__readme__"})
     finally:  # a block must not leak process-wide state into the next test
         torch.set_num_threads(threads)
-        assert smoa.backends._active == backend_stack
+        assert smoa.backends._stack() == backend_stack
 
 
 def test_the_study_section_commands_exist(capsys):

@@ -121,7 +121,7 @@ BAD_CONSTRUCTION = [
     ("r=True", linear, {"r": True}, TypeError, r"r must be an int, got True"),
     ("num_blocks=0", linear, {"num_blocks": 0}, ValueError, r"num_blocks=0 must be >= 1"),
     ("num_blocks>min", linear, {"num_blocks": 11, "r": 11}, ValueError, r"num_blocks=11 exceeds"),
-    ("r%K", linear, {"r": 5}, ValueError, r"r=5 is not divisible by num_blocks=2"),
+    ("block_ranks sum", linear, {"r": 5, "block_ranks": [2, 2]}, ValueError, r"block_ranks=\[2, 2\] sums to 4 but r=5"),
     ("alpha=0", linear, {"alpha": 0}, ValueError, r"alpha=0 must be"),
     ("alpha=inf", linear, {"alpha": float("inf")}, ValueError, r"alpha=inf must be"),
     ("dropout=1", linear, {"dropout": 1.0}, ValueError, r"dropout=1\.0 must be in"),

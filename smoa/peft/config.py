@@ -257,6 +257,7 @@ def _check_smoa_weights(weights: str, config: dict, config_file: str) -> None:
             elif key.endswith("smoa_partition_info"):
                 module = key.removesuffix(".smoa_partition_info").removeprefix("base_model.model.")
                 r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config.get("r", 8))
+                r = sum(r) if isinstance(r, (list, tuple)) else r  # a rank_pattern value of per-block ranks
                 d_out, d_in = (int(v) for v in value[3:5].tolist()) if value.numel() >= 5 else (0, 0)
                 check_partition_info(f"{key} in {weights}", value, num_blocks, r, d_out, d_in)
             elif value.is_floating_point() or ".smoa_" in key:
