@@ -452,26 +452,20 @@ def scatter(zt: torch.Tensor, inv_order: torch.Tensor, n_rows: int, bias: torch.
     return out
 
 
-def _forward_product(delta: torch.Tensor, xa_bands: torch.Tensor, d_in: int, num_blocks: int) -> torch.Tensor:
-    """``Zᵀ[R_k] = s·ΔW_k · x_band,kᵀ`` per block by the vendor library (d_out × ldN, rows in row order)."""
-    n_rows, d_out = xa_bands.shape[0], delta.shape[0]
-    zt = torch.empty((d_out, _round_up(n_rows)), dtype=xa_bands.dtype, device=xa_bands.device)
-    starts = padded_band_starts(d_in, num_blocks, ALIGN)
+def _block_products(delta: torch.Tensor, bands: torch.Tensor, d_in: int, num_blocks: int, *, transpose: bool):
+    """Per block, by the vendor library: forward (``bands`` = x_a bands) ``Zᵀ[R_k] = s·ΔW_k · x_band,kᵀ``
+    (d_out × ldN, rows in row order); ``transpose=True`` (``bands`` = dY bands) ``Uᵀ[C_k] = s·ΔW_kᵀ · dy_band,kᵀ``
+    (d_in × ldN, rows in column order)."""
+    n_rows, d_out = bands.shape[0], delta.shape[0]
+    out = torch.empty((d_in if transpose else d_out, _round_up(n_rows)), dtype=bands.dtype, device=bands.device)
+    starts = padded_band_starts(d_out if transpose else d_in, num_blocks, ALIGN)
     for k, ((r0, r1), (c0, c1)) in enumerate(zip(block_bounds(d_out, num_blocks), block_bounds(d_in, num_blocks))):
-        band = xa_bands[:, starts[k] : starts[k] + (c1 - c0)]  # N × |C_k|, 16-aligned start
-        torch.mm(delta[r0:r1, : c1 - c0], band.t(), out=zt[r0:r1, :n_rows])
-    return zt
-
-
-def _input_grad_product(delta: torch.Tensor, dy_bands: torch.Tensor, d_in: int, num_blocks: int) -> torch.Tensor:
-    """``Uᵀ[C_k] = s·ΔW_kᵀ · dy_band,kᵀ`` per block by the vendor library (d_in × ldN, rows in column order)."""
-    n_rows, d_out = dy_bands.shape[0], delta.shape[0]
-    ut = torch.empty((d_in, _round_up(n_rows)), dtype=dy_bands.dtype, device=dy_bands.device)
-    starts = padded_band_starts(d_out, num_blocks, ALIGN)
-    for k, ((r0, r1), (c0, c1)) in enumerate(zip(block_bounds(d_out, num_blocks), block_bounds(d_in, num_blocks))):
-        band = dy_bands[:, starts[k] : starts[k] + (r1 - r0)]  # N × |R_k|
-        torch.mm(delta[r0:r1, : c1 - c0].t(), band.t(), out=ut[c0:c1, :n_rows])
-    return ut
+        block = delta[r0:r1, : c1 - c0]
+        if transpose:  # dY band: N × |R_k|, 16-aligned start
+            torch.mm(block.t(), bands[:, starts[k] : starts[k] + (r1 - r0)].t(), out=out[c0:c1, :n_rows])
+        else:  # x_a band: N × |C_k|, 16-aligned start
+            torch.mm(block, bands[:, starts[k] : starts[k] + (c1 - c0)].t(), out=out[r0:r1, :n_rows])
+    return out
 
 
 def permuted_factors(
@@ -508,7 +502,7 @@ def blocked_forward(
         return torch.nn.functional.linear(x, weight, bias), xa_bands
     a_bands, b_bands = permuted_factors(lora_A, lora_B, orders, num_blocks)
     delta = delta_blocks(weight, a_bands, b_bands, orders, num_blocks, scale)
-    zt = _forward_product(delta, xa_bands, d_in, num_blocks)
+    zt = _block_products(delta, xa_bands, d_in, num_blocks, transpose=False)
     del delta  # the ΔW transient lives only for the K block GEMMs
     y = scatter(zt, orders.inv_row, n_rows, bias)
     del zt
@@ -542,7 +536,7 @@ def blocked_input_grads(
     else:
         a_bands, b_bands = permuted_factors(lora_A, lora_B, orders, num_blocks)
         delta = delta_blocks(weight, a_bands, b_bands, orders, num_blocks, scale)
-        ut = _input_grad_product(delta, dy_bands, d_in, num_blocks)
+        ut = _block_products(delta, dy_bands, d_in, num_blocks, transpose=True)
         del delta
         adapter = scatter(ut, orders.inv_col, n_rows, None)
         del ut
