@@ -221,20 +221,6 @@ def _block_list(module: str, blocks: dict[int, dict[str, Any]], num_blocks: int)
     return out
 
 
-def _lora_shaped(module: str, blocks, row_order, col_order):
-    """Scatter per-block factors into smoa's LoRA-shaped ``(Â, B̂)`` (SPEC §3). Equal block ranks only, for now."""
-    from smoa_kernels.reference import blocks_to_lora
-
-    ranks = [A_k.shape[0] for A_k, _ in blocks]
-    if len(set(ranks)) > 1:
-        raise NotImplementedError(
-            f"{module}: the block ranks {ranks} are uneven (the authors' code gives r % K extra ranks to the first "
-            "blocks); smoa's SMoA layers accept equal block ranks only until per-block ranks land (issue 11, item 3). "
-            "Nothing was written."
-        )
-    return blocks_to_lora(blocks, row_order, col_order)
-
-
 def import_official(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -261,9 +247,10 @@ def import_official(
     """
     import torch
 
-    from smoa.layer import partition_info
+    from smoa.layer import partition_info, resolve_block_ranks
     from smoa.partition import spectral_scores
     from smoa.peft import SMoAConfig
+    from smoa_kernels.reference import blocks_to_lora
 
     src, dst, base = Path(src), Path(dst), Path(base)
     if svd_dtype not in ("float32", "float64"):
@@ -322,9 +309,9 @@ def import_official(
             )
         ties += _tie_groups(module, "rows", score_row, row_order, K, tie_tolerance)
         ties += _tie_groups(module, "cols", score_col, col_order, K, tie_tolerance)
-        factor_dtype = blocks[0][0].dtype
-        lora_A, lora_B = _lora_shaped(module, [(A.to(factor_dtype), B.to(factor_dtype)) for A, B in blocks],
-                                      row_order, col_order)  # fmt: skip
+        factor_dtype = blocks[0][0].dtype  # uneven block ranks are zero-padded to the largest (SPEC §3 layout)
+        lora_A, lora_B = blocks_to_lora([(A.to(factor_dtype), B.to(factor_dtype)) for A, B in blocks], row_order,
+                                        col_order)  # fmt: skip
         prefix = f"base_model.model.{module}"
         state[f"{prefix}.smoa_A.weight"] = lora_A.contiguous()
         state[f"{prefix}.smoa_B.weight"] = lora_B.contiguous()
@@ -335,6 +322,14 @@ def import_official(
     # the exact module paths that have factors (the official target_modules may name more, e.g. with
     # layers_to_transform): the adapter then attaches exactly where the checkpoint has factors
     target_modules = sorted(modules)
+    # per-block ranks: the authors' split of r (r // K each, the first r % K blocks one more) needs nothing; another
+    # split shared by every module is `block_ranks`; splits that differ between modules go into rank_pattern
+    ranks = {module: [A_k.shape[0] for A_k, _ in blocks] for module, blocks in block_lists.items()}
+    default = list(resolve_block_ranks(int(r), K))
+    other = {module: split for module, split in ranks.items() if split != default}
+    shared = next(iter(other.values())) if other and len(other) == len(ranks) else None
+    if shared is not None and any(split != shared for split in other.values()):
+        shared = None
     config = SMoAConfig(
         r=int(r),
         num_blocks=K,
@@ -346,6 +341,8 @@ def import_official(
         base_model_name_or_path=str(official.get("base_model_name_or_path") or base),
         task_type=official.get("task_type"),
         inference_mode=True,
+        block_ranks=shared,
+        rank_pattern={} if shared is not None else other,
     )
     _write(dst, config, state, overwrite)
     return ImportReport(str(dst), sorted(modules), K, int(r), alpha, ties)

@@ -43,8 +43,10 @@ def spec_orders(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return orders[0], orders[1]
 
 
-def official_checkpoint(model: nn.Module, K: int, rank: int, seed: int = 0):
-    """Per-block factors ``{module: [(A_k, B_k)]}`` (non-zero B) and the authors' merged weights W0 + s·ΔW."""
+def official_checkpoint(model: nn.Module, K: int, rank, seed: int = 0):
+    """Per-block factors ``{module: [(A_k, B_k)]}`` (non-zero B) and the authors' merged weights W0 + s·ΔW;
+    ``rank``: r_k of every block, or a list of per-block ranks (uneven, as the authors' code allows)."""
+    ranks = [rank] * K if isinstance(rank, int) else list(rank)
     gen = torch.Generator().manual_seed(seed)
     blocks, merged = {}, {}
     for name in MODULES:
@@ -52,9 +54,9 @@ def official_checkpoint(model: nn.Module, K: int, rank: int, seed: int = 0):
         rows, cols = spec_orders(W0)
         delta = torch.zeros_like(W0, dtype=torch.float64)
         per_block = []
-        for R_k, C_k in zip(torch.tensor_split(rows, K), torch.tensor_split(cols, K)):
-            A_k = torch.randn(rank, len(C_k), generator=gen) * 0.3
-            B_k = torch.randn(len(R_k), rank, generator=gen) * 0.3
+        for R_k, C_k, r_k in zip(torch.tensor_split(rows, K), torch.tensor_split(cols, K), ranks):
+            A_k = torch.randn(r_k, len(C_k), generator=gen) * 0.3
+            B_k = torch.randn(len(R_k), r_k, generator=gen) * 0.3
             delta[R_k[:, None], C_k[None, :]] = (B_k.double() @ A_k.double()) * W0[R_k][:, C_k].double()
             per_block.append((A_k, B_k))
         blocks[name] = per_block
@@ -133,6 +135,29 @@ def test_import_reproduces_the_authors_forward(tmp_path, base, prefix, adapter, 
     assert not report.ties  # real MiniLM weights: no near-tie at a block boundary
 
 
+@pytest.mark.parametrize("ranks", [(3, 2), (1, 3)], ids=["authors-split", "block_ranks"])
+def test_uneven_block_ranks_reproduce_the_authors_forward(tmp_path, base, ranks):
+    # r % K != 0 (the authors give the remainder to the first blocks: (3, 2) for r = 5) and another split (1, 3)
+    path, model = base
+    blocks, deltas = official_checkpoint(model, 2, ranks)
+    r = sum(ranks)
+    write_official(tmp_path / "official", blocks, r=r, alpha=float(r), K=2)
+    import_official(tmp_path / "official", tmp_path / "smoa", path, svd_dtype="float64")
+    saved = json.loads((tmp_path / "smoa" / "adapter_config.json").read_text())
+    assert saved["block_ranks"] == (None if ranks == (3, 2) else list(ranks))
+    authors = copy.deepcopy(model).double()
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            authors.get_submodule(name).weight.add_(delta)  # s = lora_alpha / r = 1
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(model).double(), str(tmp_path / "smoa")).eval()
+    with torch.no_grad():
+        expected = authors(**_inputs()).last_hidden_state
+        got = peft_model(**_inputs()).last_hidden_state
+    torch.testing.assert_close(got, expected, atol=1e-9, rtol=1e-9)
+    layer = peft_model.base_model.model.get_submodule(MODULES[0])
+    assert tuple(layer.block_ranks["default"]) == ranks  # the layer carries the checkpoint's per-block ranks
+
+
 def test_default_fp32_orders_are_the_official_rule_and_match_fp64_blocks(tmp_path, base):
     from safetensors.torch import load_file
 
@@ -192,11 +217,6 @@ def test_bad_input_writes_nothing(tmp_path, base):
     write_official(src, blocks, r=4, alpha=4, K=2)
     with pytest.raises(ValueError, match="num_blocks=3 does not match the 2 blocks"):
         import_official(src, dst, path, num_blocks=3)
-    uneven = {name: [(A[:1], B[:, :1]) if k == 1 else (A, B) for k, (A, B) in enumerate(bl)]
-              for name, bl in blocks.items()}  # fmt: skip
-    write_official(tmp_path / "uneven", uneven, r=3, alpha=3, K=2)
-    with pytest.raises(NotImplementedError, match=r"block ranks \[2, 1\] are uneven"):
-        import_official(tmp_path / "uneven", dst, path)
     write_official(tmp_path / "extra", blocks, r=4, alpha=4, K=2, extra={"classifier.weight": torch.zeros(2, 2)})
     with pytest.raises(ValueError, match="not SMoA block factors"):
         import_official(tmp_path / "extra", dst, path)
