@@ -16,8 +16,8 @@ W0 when it loads. What this importer reads (assumptions, documented in the READM
   with ``weights_only=True``) under the key ``<module path>.weight`` — matched exactly, or as the one key that ends
   with it or that it ends with (a head model's ``bert.`` prefix and the like).
 
-The orders are derived with the official rule, :func:`smoa.partition.spectral_orders` (SPEC §1: SVD in
-``svd_dtype``, energy-weighted mean spectral index, stable ascending sort), and saved with the adapter so they are
+The orders are derived with the official rule, :func:`smoa.partition.spectral_orders` with ``method="svd"`` (SPEC §1:
+an economy SVD in ``svd_dtype``, energy-weighted mean spectral index, stable ascending sort), and saved with the adapter so they are
 never re-derived. A group of (near-)tied scores that straddles a block boundary is reported: there the authors' own
 re-derivation may put an index in the other block (an unstable sort, another SVD), so such a layer may not reproduce
 the authors' model exactly.
@@ -295,8 +295,9 @@ def import_official(
         weight = base_weights.weight(module)
         weight = weight.T if fan_in_fan_out else weight
         blocks = block_lists[module]
-        score_row, score_col = spectral_scores(weight, dtype)
-        row_order = torch.argsort(score_row, stable=True)  # = smoa.partition.spectral_orders(weight, dtype)
+        # the authors' literal rule: an economy SVD in svd_dtype (float32 by default, as their code re-derives it)
+        score_row, score_col = spectral_scores(weight, dtype, method="svd")
+        row_order = torch.argsort(score_row, stable=True)  # = spectral_orders(weight, dtype, method="svd")
         col_order = torch.argsort(score_col, stable=True)
         expected = [
             (len(R), len(C)) for R, C in zip(torch.tensor_split(row_order, K), torch.tensor_split(col_order, K))

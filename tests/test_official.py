@@ -168,7 +168,7 @@ def test_default_fp32_orders_are_the_official_rule_and_match_fp64_blocks(tmp_pat
     state = load_file(str(tmp_path / "smoa" / "adapter_model.safetensors"))
     for name in MODULES:
         W0 = model.get_submodule(name).weight
-        rows, cols = spectral_orders(W0)
+        rows, cols = spectral_orders(W0, method="svd")  # the literal rule: an fp32 SVD (svd_dtype default)
         assert torch.equal(state[f"base_model.model.{name}.smoa_row_order"], rows)
         assert torch.equal(state[f"base_model.model.{name}.smoa_col_order"], cols)
         if not report.ties:  # the same blocks (as sets) as the fp64 derivation of the fixture

@@ -55,7 +55,8 @@ class SMoAConfig(PeftConfig):
     """Configuration of an SMoA adapter (Spectrum Modulation Adapter, arXiv 2605.21147) for :class:`SMoAModel`.
 
     Args:
-        r: total rank budget per layer (SPEC's r); every block gets rank ``r // num_blocks``. Default 8.
+        r: total rank budget per layer (SPEC's r); block k gets rank ``r // num_blocks``, the first ``r % num_blocks``
+            blocks one more (the authors' split), unless ``block_ranks`` says otherwise. Default 8.
         num_blocks: K, the number of spectral blocks (row/column bands of W0 paired on the diagonal). Default 2.
         lora_alpha: scale numerator, ``s = lora_alpha / r``; ``None`` (default) means ``lora_alpha = r`` (s = 1).
         lora_dropout: dropout probability on the adapter path. Default 0.0.
@@ -86,7 +87,7 @@ class SMoAConfig(PeftConfig):
     (``adapter_model.safetensors``); loading never recomputes them.
     """
 
-    r: int = field(default=8, metadata={"help": "Total rank budget per layer; each of num_blocks blocks gets r/K."})
+    r: int = field(default=8, metadata={"help": "Total rank budget per layer, split over the blocks (r // K each, the first r % K one more)."})
     num_blocks: int = field(default=2, metadata={"help": "K, the number of spectral blocks."})
     lora_alpha: float | None = field(
         default=None, metadata={"help": "Scale numerator, s = lora_alpha / r; None means lora_alpha = r (s = 1)."}
@@ -135,7 +136,7 @@ class SMoAConfig(PeftConfig):
     )
     seed: int = field(default=0, metadata={"help": "Seed of the 'random' ordering."})
     svd_dtype: Literal["float32", "float64"] = field(
-        default="float32", metadata={"help": "Precision of the SVD behind the spectral ordering."}
+        default="float32", metadata={"help": "Kept for compatibility: the ordering is computed in float64 (Gram route)."}
     )
 
     def __post_init__(self) -> None:
