@@ -16,11 +16,11 @@ W0 when it loads. What this importer reads (assumptions, documented in the READM
   with ``weights_only=True``) under the key ``<module path>.weight`` — matched exactly, or as the one key that ends
   with it or that it ends with (a head model's ``bert.`` prefix and the like).
 
-The orders are derived with the official rule, :func:`smoa.partition.spectral_orders` with ``method="svd"`` (SPEC §1:
-an economy SVD in ``svd_dtype``, energy-weighted mean spectral index, stable ascending sort), and saved with the adapter so they are
-never re-derived. A group of (near-)tied scores that straddles a block boundary is reported: there the authors' own
-re-derivation may put an index in the other block (an unstable sort, another SVD), so such a layer may not reproduce
-the authors' model exactly.
+The orders are derived with the official rule, :func:`smoa.partition.spectral_orders` with ``method="svd"``
+(SPEC §1: an economy SVD in ``svd_dtype``, energy-weighted mean spectral index, stable ascending sort), and saved with
+the adapter so they are never re-derived. A group of (near-)tied scores that straddles a block boundary is reported:
+there the authors' own re-derivation may put an index in the other block (an unstable sort, another SVD), so such a
+layer may not reproduce the authors' model exactly.
 
 Uneven block ranks (``r % K ≠ 0``, or per-block ranks) are refused with a clear error until smoa's layers accept
 per-block ranks (issue 11 item 3); the conversion works on per-block tensors throughout, so only

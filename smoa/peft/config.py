@@ -87,7 +87,12 @@ class SMoAConfig(PeftConfig):
     (``adapter_model.safetensors``); loading never recomputes them.
     """
 
-    r: int = field(default=8, metadata={"help": "Total rank budget per layer, split over the blocks (r // K each, the first r % K one more)."})
+    r: int = field(
+        default=8,
+        metadata={
+            "help": "Total rank budget per layer, split over the blocks (r // K each, the first r % K one more)."
+        },
+    )
     num_blocks: int = field(default=2, metadata={"help": "K, the number of spectral blocks."})
     lora_alpha: float | None = field(
         default=None, metadata={"help": "Scale numerator, s = lora_alpha / r; None means lora_alpha = r (s = 1)."}
@@ -136,7 +141,8 @@ class SMoAConfig(PeftConfig):
     )
     seed: int = field(default=0, metadata={"help": "Seed of the 'random' ordering."})
     svd_dtype: Literal["float32", "float64"] = field(
-        default="float32", metadata={"help": "Kept for compatibility: the ordering is computed in float64 (Gram route)."}
+        default="float32",
+        metadata={"help": "Kept for compatibility: the ordering is computed in float64 (Gram route)."},
     )
 
     def __post_init__(self) -> None:
