@@ -218,6 +218,8 @@ def run_gpu_check(smoke: bool = False, output_dir: str | Path | None = None, run
         else:
             root = Path.cwd() / "benchmarks" / "results"
             output_dir = (root if root.is_dir() else Path.cwd()) / f"gpu-{_slug(env['gpu'])}-{date}"
+            if output_dir.exists():  # a second run the same day: a new folder, never over a committed one
+                output_dir = output_dir.with_name(f"{output_dir.name}-{env['date_utc'][11:19].replace(':', '')}")
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tests = run_tests(smoke, log) if run_the_tests else {"rc": None, "summary": "not run (--skip-tests)"}

@@ -17,7 +17,8 @@ K blocks (r_k = r/K), dropout p = 0:
   4·N·D² per GEMM pass, (8 + 2/K)·N·D² per training step, all at the Triton efficiency;
 - ``smoa-blocked``: the full-weight GEMMs in the vendor library plus the adapter on the K contiguous diagonal blocks:
   forward = base GEMM + gather x_a + ΔW_k generation + K block GEMMs + scatter-add into y; backward = ``dY W0`` +
-  gather dY + ΔW_k regeneration + K block GEMMs for dX + scatter-add into dx + K ``G_k = dY_kᵀ x_k`` GEMMs (fp32 out)
+  gather dY + re-gather x (saved as is, not its bands) + ΔW_k regeneration + anchor gather + K block GEMMs for dX +
+  scatter-add into dx + K ``G_k = dY_kᵀ x_k`` GEMMs (fp32 out)
   + the factor-gradient epilogue (reads G_k and W0_k, rank-r_k contractions): exactly (4 + 6/K)·N·D² FLOPs.
 
 The ``triton`` backend's dispatch (:func:`choose_path`) uses it to pick, per call, between ``"fused"`` (wins at small N,
@@ -214,7 +215,10 @@ def _backward(method: str, n: int, d_out: int, d_in: int, rank: int, k: int, e: 
         return [
             dx, *db,
             Pass("gather dY[:, row_order]", "memory", 0, 2 * e * n * d_out),
+            # without dropout x itself is saved (shared by q/k/v, like LoRA), so its bands are gathered again
+            Pass("re-gather x[:, col_order] (x saved, not its bands)", "memory", 0, 2 * e * n * d_in),
             Pass("ΔW_k regeneration", "triton", 2.0 * w / k * r_k, 2 * e * w / k + f * r_k * (d_in + d_out)),
+            Pass("anchor gather M_k = W0[R_k, C_k] (for the epilogue)", "triton", 0, 2 * e * w / k),
             _gemm("block GEMMs dY_k·ΔW_k", n, d_in / k, d_out / k, e, blocks=k),
             Pass("scatter-add into dX", "memory", 0, 3 * e * n * d_in),
             _gemm("G_k = dY_kᵀ·x_k (fp32 out)", d_out / k, d_in / k, n, e, blocks=k, out_bytes=4),

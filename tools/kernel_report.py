@@ -4,7 +4,7 @@ Generic — it knows nothing about any one kernel. It runs the public entry poin
 ``smoa_kernels.triton.smoa_linear_triton`` forward and backward under ``TRITON_INTERPRET=1`` at representative shapes
 (:data:`SCENARIOS`: the canonical bf16 / fp32-factor 4096×4096 layer at N ∈ {256, 8192}, K ∈ {2, 4}, plus fp32, TF32,
 fp16, bf16 factors, dropout, bias, merged_weight, a large rank and a small odd shape) through every dispatch path the
-entry offers (its ``path=`` or ``coordinates=`` keyword, found with :mod:`inspect`, every value but "auto"), with
+entry offers (its ``path=`` keyword, found with :mod:`inspect`, every value but "auto"), with
 ``configs.capture_launches()`` recording each launch instead of running it (vendor GEMMs are skipped too: nothing is
 computed). Every captured launch × every shipped config valid for its dtype and rank (``--quick``: the default config
 only) is bound through Triton's own JIT binder (``create_function_from_signature`` + ``JITFunction._pack_args``, so the
@@ -120,14 +120,14 @@ SCENARIOS = (
 # Capture: run the entry point, record its launches (no kernel and no vendor GEMM runs)
 # ---------------------------------------------------------------------------------------------------------------------
 def dispatch_keyword(fn=None) -> tuple[str | None, tuple]:
-    """The entry point's dispatch keyword (``path`` or ``coordinates``) and every concrete value it takes ("auto" is
-    a choice among the others): found from the signature, then a module constant ``PATHS``/``COORDINATES`` or a
+    """The entry point's dispatch keyword (``path``) and every concrete value it takes ("auto" is
+    a choice among the others): found from the signature, then a module constant ``PATHS`` or a
     ``Literal`` annotation. ``(None, (None,))`` when it has none."""
     import smoa_kernels.triton as package
 
     fn = fn or package.smoa_linear_triton
     params = inspect.signature(fn).parameters
-    for keyword in ("path", "coordinates"):
+    for keyword in ("path",):
         if keyword not in params:
             continue
         module = sys.modules[fn.__module__]
@@ -788,6 +788,7 @@ def main(argv: list[str] | None = None) -> int:
     rep = report(quick=args.quick, workers=args.workers, archs=tuple(args.arch or ARCHS))
     print(format_report(rep))
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(to_json(rep), indent=1, default=str) + "\n")
         print(f"JSON: {args.json}")
     return 1 if rep["failed"] else 0

@@ -91,6 +91,8 @@ class BenchConfig:
             device=device,
             providers=_runnable_providers(device) if self.providers is None else tuple(self.providers),
             modes=MODES if self.modes is None else tuple(self.modes),
+            # a CPU smoke run times milliseconds: one thread, or a descheduled OpenMP partner decides the ratios
+            threads=1 if self.threads is None and self.quick and device_type == "cpu" else self.threads,
             **{name: tuple(value) if isinstance(value, list) else value for name, value in filled.items()},
         )
         resolved._validate()
@@ -476,7 +478,7 @@ TFLOP/s: floor FLOPs / median; peak MiB: peak allocated by one call above the le
 max_memory_allocated; CPU: torch.profiler allocation records), saved MiB: tensors autograd keeps for backward
 (x included when kept, weights and factors not); status: ok | skipped: why | oom | mismatch | error.
 
-FLOP floors (KERNELS.md §1; N tokens, P = d_in*d_out, S = d_in+d_out, ρ = adapter rank,
+FLOP floors (the table below; N tokens, P = d_in*d_out, S = d_in+d_out, ρ = adapter rank,
 P_K = diagonal-block area = P/K when K divides both):
 {floor_table}
   full = forward + backward; inference = forward; merged = 2NP.
@@ -487,7 +489,7 @@ defaults:
 K {",".join(map(str, CUDA_DEFAULTS["blocks"]))}, --min-time {CUDA_DEFAULTS["min_time"]:g}
   CPU:  fp32, shape 1024x1024, N 2048, r 32, K 2, --min-time {CPU_DEFAULTS["min_time"]:g}, --reps \
 {CPU_DEFAULTS["reps"]} (about a minute on 2 cores)
-  --quick: one small shape (CPU 512x512, N 512; CUDA 4096x4096, N 4096), short timings, 3 reps.
+  --quick: one small shape (CPU 512x512, N 512, one thread; CUDA 4096x4096, N 4096), short timings, 3 reps.
 
 output (under --output-dir): smoa_bench.csv (appended, one row per measurement, with device name, thread count,
 versions, timestamp and the reproducing command) and smoa_bench_<device>_<d_in>x<d_out>_<dtype>[_t<threads>].png
