@@ -16,6 +16,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import sys
 
@@ -163,6 +164,9 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # bitsandbytes (imported by peft) logs a hint about an optional CPU kernel package on AVX512-BF16 CPUs at import;
+    # in the command's output it reads like an error of ours, so the command keeps only that logger's errors
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     return run(build_parser(), argv)
 
 
