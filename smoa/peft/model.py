@@ -17,6 +17,7 @@ Beyond PEFT's template (``tuners/hira/model.py``) it guarantees the "bad input l
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 from functools import partial
 
@@ -27,7 +28,7 @@ from peft.utils.other import get_pattern_key
 from torch import nn
 
 from smoa.layer import missing_orders_allowed
-from smoa.partition import partition_progress, validate_order
+from smoa.partition import partition_progress, precomputed_orders, validate_order
 
 from .bnb import dispatch_bnb
 from .config import SMoAConfig
@@ -70,11 +71,46 @@ class SMoAModel(BaseTuner):
         self.__dict__.setdefault("_smoa_flags_before", {})[adapter_name] = _requires_grad_flags(model)
         self.__dict__.setdefault("_smoa_unloaded", set()).add(adapter_name)  # no checkpoint loaded into it yet
         try:
-            with partition_progress(self._count_targets(model, adapter_name)):
+            weights = self._spectral_target_weights(model, adapter_name, kwargs.get("state_dict"))
+            float64 = getattr(self.peft_config.get(adapter_name), "svd_dtype", None) == "float64"
+            svd_dtype = torch.float64 if float64 else torch.float32
+            total = self._count_targets(model, adapter_name)
+            if total is None and weights is not None:  # all-linear: resolved here for the precomputation
+                total = len(weights)
+            with partition_progress(total), precomputed_orders(weights or (), svd_dtype):
                 super().inject_adapter(model, adapter_name, *args, **kwargs)
         except Exception:
             _remove_adapter_layers(model, adapter_name, keep=existing)
             raise
+
+    def _spectral_target_weights(self, model: nn.Module, adapter_name: str, state_dict) -> list[torch.Tensor] | None:
+        """W0 (as ``update_layer`` will see it) of every layer this injection will give spectral orders, so that
+        :func:`smoa.partition.precomputed_orders` can compute them all at once; ``None`` where that is not known up
+        front. A layer missed or added here changes nothing but the time: a cache miss is computed as before."""
+        config = self.peft_config.get(adapter_name)
+        if (config is None or state_dict is not None or getattr(config, "ordering", None) != "spectral"
+                or getattr(config, "_orders_from_checkpoint", False) or getattr(config, "target_modules", None) is None
+                or getattr(config, "target_parameters", None)):  # fmt: skip
+            return None
+        try:
+            from peft.tuners.tuners_utils import _ExcludedModule, _maybe_include_all_linear_layers
+
+            resolved = _maybe_include_all_linear_layers(copy.deepcopy(config), model)
+            weights = []
+            for key, module in model.named_modules():
+                result = self._check_target_module_exists(resolved, key) if key else None
+                if not result or isinstance(result, _ExcludedModule):
+                    continue
+                base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+                weight = getattr(base, "weight", None)
+                if isinstance(base, nn.Linear) and isinstance(weight, torch.Tensor):
+                    transposed = isinstance(module, SMoALayer) and module.fan_in_fan_out
+                    weights.append(weight.T if transposed else weight)
+                elif type(base).__name__ == "Conv1D" and isinstance(weight, torch.Tensor):
+                    weights.append(weight.T)
+            return weights
+        except Exception:
+            return None
 
     def _count_targets(self, model: nn.Module, adapter_name: str) -> int | None:
         """How many layers this injection adapts, for the progress bar (``None`` where PEFT resolves it later)."""
