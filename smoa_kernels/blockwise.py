@@ -11,11 +11,26 @@ no mask, and the weight-side gradient costs ``2ND²/K`` instead of ``2ND²``. Pe
     base      y = x W0ᵀ + b,  dx = dY W0,  db = Σ dY
 
 FLOPs per step: (4 + 6/K)·N·D² (the exact floor of KERNELS.md §1) plus O(N·D) gathers. Memory: saved for backward
-are ``x_a`` itself (``x`` when there is no dropout: nothing new), W0 and the factors — nothing D²-sized, no permuted
-copy. Every gathered slice (``x_a[:, C_k]``, ``dY[:, R_k]``, the per-block products) lives only inside one loop step,
-so the transient overhead is about N·D/K elements; the scale s is folded into the anchor, the smallest operand.
-With no dropout (``x_a is x``) the adapter's input gradient is added in place into the base one.
+are ``x`` when there is no dropout (nothing new), W0 and the factors — nothing D²-sized. A distinct ``x_a`` (dropout's
+output, private to the layer) is saved as its K gathered bands ``x_a[:, C_k]`` instead of itself when its dtype is
+the factors' (the same bytes, one gather fewer in the backward); otherwise ``x_a`` itself. Every other gathered slice
+(``dY[:, R_k]``, ``x[:, C_k]``, the per-block products) lives only inside one loop step, so the transient overhead is
+about N·D/K elements; the scale s is folded into the anchor, the smallest operand. Column gathers use
+``torch.gather`` with a broadcast index (multi-threaded on CPU, where ``index_select`` along dim 1 is serial), each
+band its own contiguous buffer (GEMMs on column slices of one wide permuted buffer measured slower than the gathers
+they save). With no dropout (``x_a is x``) the adapter's input gradient is added in place into the base one.
 Precision follows :mod:`smoa_kernels.reference`: base in the input dtype, adapter in the factors' dtype.
+
+Merged step (:func:`_use_merged`; KERNELS.md §1's "merged W_eff per step", exact when dropout p = 0): with no dropout,
+one dtype for x, W0 and the factors (base and adapter precision then coincide, so nothing is rounded away), autocast
+off, and ``d_out·d_in·K ≤ N·(d_in + d_out)``, :class:`SMoABlockwiseFunction` forms ``W_eff = W0 + s·ΔW`` (W0 with
+its K diagonal blocks rewritten, one row band at a time) and runs ``y = x W_effᵀ + b`` and ``dx = dY W_eff``; only
+the factor gradients ``H_k`` use the blocks (gathers of ``dY[:, R_k]`` and ``x[:, C_k]``). FLOPs (4 + 2/K)·N·D² plus
+O(D²) for the merge, no scatter-adds. Memory: the same saved tensors (``x``, W0, the factors; W_eff is regenerated
+in the backward, never saved); transient W_eff, d_out·d_in elements in the factors' dtype, alive for one GEMM in the
+forward and one in the backward — by the size condition no more than the bands ``x[:, C_k]``, ``y_k`` of the
+unmerged forward (N·(d_in + d_out)/K). At 1024×1024, fp32, N = 2048, K = 2 (2 CPU threads): ≈1.7× the frozen
+layer's step, against ≈2.25× unmerged.
 
 Quantized bases (:mod:`smoa.peft.bnb`): :class:`SMoABlockwiseAdapterFunction` computes the adapter term alone,
 ``s · x_a ΔWᵀ``, with the same per-block loops, taking each anchor from a callable ``anchors(R_k, C_k)`` that returns
@@ -74,7 +89,8 @@ def _gather_cols(t, index, dtype=None):
     """``t[:, index]`` as a new contiguous tensor, in ``dtype`` if given. On CPU ``index_select`` along dim 1 runs on one
     thread; ``torch.gather`` with a broadcast index runs on all of them (≈1.7× faster on 2 threads at 2048×1024),
     but is the slower loop on one."""
-    if t.device.type == "cpu" and torch.get_num_threads() == 1:  # index_select is the faster serial loop
+    serial = t.device.type == "cpu" and not torch.compiler.is_compiling() and torch.get_num_threads() == 1
+    if serial:  # index_select is the faster serial loop (Dynamo cannot trace get_num_threads: gather there)
         out = t.index_select(1, index)
     else:
         out = torch.gather(t, 1, index.expand(t.shape[0], -1))
@@ -111,6 +127,35 @@ def _adapter_backward(blocks, grad_out, x_adapter, grad_xa, grad_A, grad_B, dtyp
                 grad_B[R_k, :] = (h_k @ A_k.T).to(grad_B.dtype)
 
 
+def _use_merged(x, x_adapter, weight, lora_A, lora_B, num_blocks):
+    """Whether the step merges ``W_eff = W0 + s·ΔW`` instead (module docstring, "Merged step"): no dropout (x_a is x),
+    one dtype for x, W0 and the factors (so base and adapter precision coincide), autocast off, and the D² transient
+    no larger than the band transient ``N·(d_in + d_out)/K`` the unmerged forward allocates anyway."""
+    d_out, d_in = weight.shape
+    return (
+        x_adapter is None
+        and x.dtype == weight.dtype == lora_A.dtype == lora_B.dtype
+        and not torch.is_autocast_enabled(x.device.type)
+        and d_out * d_in * num_blocks <= x.shape[0] * (d_in + d_out)
+    )
+
+
+def _merged_weight(plan, weight, lora_A, lora_B, scale):
+    """``W_eff = W0 + s·ΔW``: W0 with each diagonal block ``M_k`` replaced by ``M_k + s·(B_k A_k) ⊙ M_k``, built one
+    row band ``W0[R_k]`` at a time (its block columns rewritten, then the band copied into place: the row bands
+    partition W_eff, so every row is written once); d_out×d_in, freed by the caller after one GEMM."""
+    bounds, rows, cols = plan
+    merged = torch.empty_like(weight)
+    for (r0, r1), (c0, c1) in bounds:
+        R_k, C_k = rows[r0:r1], cols[c0:c1]
+        band = weight.index_select(0, R_k)
+        m_k = _gather_cols(band, C_k)
+        delta = lora_B.index_select(0, R_k) @ lora_A.index_select(1, C_k)
+        band.index_copy_(1, C_k, torch.addcmul(m_k, delta, m_k, value=scale))
+        merged.index_copy_(0, R_k, band)
+    return merged
+
+
 class SMoABlockwiseFunction(torch.autograd.Function):
     """2-D autograd.Function. ``x_adapter=None`` means ``x`` itself (no dropout): the whole input gradient is then
     returned on ``x`` (Dynamo cannot trace a Function given the same tensor twice)."""
@@ -119,8 +164,17 @@ class SMoABlockwiseFunction(torch.autograd.Function):
     def forward(ctx, x, x_adapter, weight, bias, lora_A, lora_B, row_order, col_order, num_blocks, scale):
         ctx.same_input = x_adapter is None
         x_adapter = x if x_adapter is None else x_adapter
-        out = F.linear(x, weight, bias)
         plan = _plan(row_order, col_order, num_blocks)
+        ctx.merged = _use_merged(x, None if ctx.same_input else x_adapter, weight, lora_A, lora_B, num_blocks)
+        if ctx.merged:  # y = x W_effᵀ + b: the adapter's GEMM and the scatter into y folded into the base GEMM
+            out = F.linear(x, _merged_weight(plan, weight, lora_A, lora_B, scale), bias)
+            ctx.gathered = False
+            ctx.save_for_backward(weight, lora_A, lora_B, row_order, col_order, x)
+            ctx.num_blocks, ctx.scale = num_blocks, scale
+            device = x.device.type
+            ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+            return out
+        out = F.linear(x, weight, bias)
         bands = _adapter_forward(_blocks(plan, weight, lora_A, lora_B, scale), x_adapter, out, lora_A.dtype)
         # a distinct x_a (dropout's output, private to the layer) is saved as its gathered bands, in place of x_a
         # itself: the same bytes when the dtypes match, one gather of x_a fewer in the backward. x_a is x: x is
@@ -147,7 +201,12 @@ class SMoABlockwiseFunction(torch.autograd.Function):
         bands, x_adapter = (saved, None) if ctx.gathered else (None, saved[0])
         need_x, need_xa, _, need_b, need_A, need_B = ctx.needs_input_grad[:6]
         need_xa = need_xa or (ctx.same_input and need_x)
-        grad_x = grad_out @ weight if need_x else None
+        plan = _plan(row_order, col_order, ctx.num_blocks)
+        if ctx.merged:  # dx = dY W_eff (W_eff regenerated, never saved); only the factor gradients remain
+            grad_x = grad_out @ _merged_weight(plan, weight, lora_A, lora_B, ctx.scale) if need_x else None
+            need_xa = False
+        else:
+            grad_x = grad_out @ weight if need_x else None
         grad_bias = grad_out.sum(0) if need_b else None
         grad_xa = grad_A = grad_B = None
         if need_xa:  # one tensor: the adapter part is added in place into the base gradient
@@ -162,7 +221,6 @@ class SMoABlockwiseFunction(torch.autograd.Function):
         if need_B:
             grad_B = torch.zeros_like(lora_B)
         if need_xa or need_A or need_B:
-            plan = _plan(row_order, col_order, ctx.num_blocks)
             blocks = _blocks(plan, weight, lora_A, lora_B, ctx.scale)
             _adapter_backward(blocks, grad_out, x_adapter, grad_xa, grad_A, grad_B, lora_A.dtype, bands)
         if grad_xa is grad_x:

@@ -152,3 +152,52 @@ def test_cpu_autocast_bf16_matches_reference_under_autocast():
     for name, value in g_ref.items():
         assert g_fast[name].dtype == p[name].dtype == torch.float32
         assert_close(g_fast[name], value, dtype=torch.bfloat16, scale=value.abs().max().item())
+
+
+# N large enough that the step merges W_eff = W0 + s·ΔW (fp32/fp64, no dropout, no autocast, and the D² transient no
+# larger than the band transient N·(d_in + d_out)/K): same results and gradients as the unmerged path
+MERGED_SHAPES = [(64, 24, 24, 3, 4), (40, 10, 7, 3, 2), (48, 7, 13, 4, 1), (30, 9, 9, 1, 16), (16, 4, 4, 4, 3)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("N, d_in, d_out, K, r_k", MERGED_SHAPES)
+def test_merged_step_matches_reference(N, d_in, d_out, K, r_k, dtype):
+    from smoa_kernels.blockwise import _use_merged
+
+    problem = make_problem(N, d_in, d_out, K, r_k, dtype=dtype)
+    x, w, A, B = problem["x"], problem["weight"], problem["lora_A"], problem["lora_B"]
+    assert _use_merged(x, None, w, A, B, K)
+    assert not _use_merged(x, x.detach().clone(), w, A, B, K)  # dropout: the exact unmerged path
+    expected = call(smoa_linear_reference, problem)
+    actual = call(smoa_linear_blockwise, problem)
+    assert_close(actual, expected, scale=expected.abs().max().item())
+    expected_grads, actual_grads = grads(expected, problem), grads(actual, problem)
+    assert set(actual_grads) == {"x", "bias", "lora_A", "lora_B"}
+    for name, value in expected_grads.items():
+        assert_close(actual_grads[name], value, scale=value.abs().max().item())
+
+
+def test_merged_step_gradcheck_fp64():
+    p = make_problem(24, 5, 4, 2, 2, dtype=torch.float64)
+
+    def fn(x, bias, lora_A, lora_B):
+        return smoa_linear_blockwise(x, x, p["weight"], bias, lora_A, lora_B, p["row_order"], p["col_order"], 2,
+                                     p["scale"])  # fmt: skip
+
+    assert torch.autograd.gradcheck(fn, (p["x"], p["bias"], p["lora_A"], p["lora_B"]))
+
+
+def test_merged_step_saves_nothing_weight_sized():
+    # W_eff is regenerated in the backward, never saved: besides x itself (and W0) only O(d) tensors are saved
+    problem = make_problem(64, 64, 64, 2, 4)  # 64·64·2 = 64·(64 + 64): merged
+    x_ptr = problem["x"].untyped_storage().data_ptr()
+    saved = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in (x_ptr, problem["weight"].untyped_storage().data_ptr()):
+            saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        call(smoa_linear_blockwise, problem)
+    assert max(saved) < 64 * 64 // 4
