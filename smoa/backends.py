@@ -2,7 +2,9 @@
 
 ``reference`` — the dense oracle (:mod:`smoa_kernels.reference`), the authors' formulation; ``torch`` — the blockwise
 pure-PyTorch path (:mod:`smoa_kernels.blockwise`); ``triton`` — the fused kernels (:mod:`smoa_kernels.triton`);
-``auto`` — ``triton`` for CUDA tensors when it is available, ``torch`` otherwise.
+``auto`` — ``triton`` for CUDA tensors when it is available and the GPU is one the kernels are built and checked for
+(:data:`smoa_kernels.triton.configs.SUPPORTED_CAPABILITIES`, with enough shared memory), ``torch`` otherwise (with a
+one-time notice on an unsupported GPU).
 
 The active name comes from, in order: a layer's own ``backend=`` argument, the innermost :func:`use_backend` context,
 the ``SMOA_BACKEND`` environment variable, and ``"auto"``. A backend asked for by name is used or an error is
@@ -22,6 +24,7 @@ asked for by name refuses it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import warnings
@@ -35,6 +38,7 @@ BACKENDS = ("reference", "torch", "triton", "auto")
 ENV_VAR = "SMOA_BACKEND"
 _local = threading.local()  # _local.stack: this thread's use_backend stack, innermost last
 _warned_weight_grad = False
+_noticed_fallback = False  # the one-time notice of 'auto' choosing 'torch' on an unsupported GPU
 
 
 def _stack() -> list[str]:
@@ -81,6 +85,31 @@ def _triton_status() -> tuple[bool, str]:
     return triton_smoa.is_available()
 
 
+@functools.cache
+def _device_support(device_type: str, index: int | None) -> tuple[bool, str]:
+    """Whether the Triton kernels are built for this device (cached per device: a capability never changes)."""
+    from smoa_kernels.triton import configs
+
+    device = torch.device(device_type, index) if index is not None else torch.device(device_type)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return configs.device_support(device)
+
+
+def _triton_device_status(device: torch.device) -> tuple[bool, str]:
+    ok, reason = _triton_status()
+    if not ok:
+        return ok, reason
+    return _device_support(device.type, device.index)
+
+
+def _notice_torch_fallback(reason: str) -> None:
+    global _noticed_fallback
+    if not _noticed_fallback and not torch.compiler.is_compiling():
+        _noticed_fallback = True
+        warnings.warn(f"SMoA: backend 'auto' uses the 'torch' backend on this GPU: {reason}", stacklevel=4)
+
+
 def available_backends() -> dict[str, tuple[bool, str]]:
     """``{name: (available, reason)}`` for the concrete backends on this machine."""
     return {"reference": (True, ""), "torch": (True, ""), "triton": _triton_status()}
@@ -90,9 +119,15 @@ def resolve_backend(name: str | None, device: torch.device) -> str:
     """The concrete backend (``reference``/``torch``/``triton``) that computes tensors on ``device``."""
     name = get_backend() if name is None else check_backend_name(name)
     if name == "auto":
-        return "triton" if device.type == "cuda" and _triton_status()[0] else "torch"
+        if device.type != "cuda" or not _triton_status()[0]:
+            return "torch"
+        ok, reason = _device_support(device.type, device.index)
+        if not ok:  # a GPU the kernels are not built for (pre-Ampere, or newer than the compile gate covers)
+            _notice_torch_fallback(reason)
+            return "torch"
+        return "triton"
     if name == "triton":
-        ok, reason = _triton_status()
+        ok, reason = _triton_device_status(device)
         if not ok:
             raise RuntimeError(f"SMoA backend 'triton' was requested but is not available: {reason}")
     return name

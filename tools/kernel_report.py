@@ -20,9 +20,12 @@ N = 0 drains all of them), barriers, and non-MMA instructions per MMA — beside
 plain tiled ``tl.dot`` GEMM (the Triton matmul tutorial's structure, :func:`_yardstick_kernel`) compiled the same way at
 the kernel's largest dot tile, dtype, precision, warps and stages.
 
-Gate (exit status 1): a capture or compile error, a spill, more shared memory than the arch allows, a scalar 16-bit
-global load in a main loop (a kernel without a loop, e.g. an index gather, reports its scalar loads without
-failing), a main loop that drains all tensor-core work every
+Configs whose shared memory (``configs.shared_memory_estimate``) exceeds an arch's limit are not compiled for it: the
+run-time fit check never launches them there. Gate (exit status 1): a capture or compile error, a spill, more shared
+memory than the arch allows, more than the run-time fit check's estimate (fused GEMM) or, for the kernels launched
+whatever the call (the blocked path's glue), more than the smallest supported GPU's 99 KB
+(``configs.MIN_SUPPORTED_SHARED_MEMORY``), a scalar 16-bit global load in a main loop (a kernel without a loop, e.g.
+an index gather, reports its scalar loads without failing), a main loop that drains all tensor-core work every
 iteration (sm_90), or more than ``MAX_RATIO_VS_YARDSTICK`` × the yardstick's non-MMA instructions per MMA (kernels
 whose main loop has MMAs). It also prints the cost model's ESTIMATES (:mod:`smoa_kernels.cost_model`) per modelled
 kernel pass and per training step, and ``--json PATH`` writes everything, including ``step_estimate_vs_frozen``.
@@ -91,7 +94,7 @@ class Scenario:
     dropout: bool = False
     bias: bool = False
     merged_weight: bool = False
-    tf32: bool = False  # torch.backends.cuda.matmul.allow_tf32 during the call (fp32 only)
+    tf32: bool = False  # TF32 allowed in fp32 matmuls during the call (fp32 only)
     # sizes/strides divisible by 16, as in every real model: the JIT then marks them divisible and the main loops can
     # use vector loads. An unaligned shape (e.g. d_in = 136) gets another specialisation whose scalar loads are the
     # correct code for rows that are not 16-element aligned: it is compiled and gated on errors and spills, and its
@@ -112,6 +115,10 @@ SCENARIOS = (
     Scenario("bias", n_tokens=256, bias=True),
     Scenario("merged_weight", n_tokens=256, merged_weight=True),
     Scenario("r_k = 64", n_tokens=256, rank=128),
+    # total ranks above the fused GEMM's FUSED_MAX_RANK_PAD = 128: the fused path refuses them (not offered) and
+    # "auto" takes the blocked path, whose glue kernels walk the rank 32 at a time
+    Scenario("r = 256 (K·r_k = 256)", n_tokens=256, rank=256),
+    Scenario("r = 512 (r_k = 256)", n_tokens=256, rank=512),
     Scenario("odd shape 37x(136->200) K=3", n_tokens=37, d_out=200, d_in=136, rank=12, num_blocks=3, aligned=False),
 )
 
@@ -209,9 +216,12 @@ def capture(scenario: Scenario, path: str | None, keyword: str | None) -> Captur
     options = {"merged_weight": s.merged_weight} if s.merged_weight else {}
     if keyword is not None:
         options[keyword] = path
-    tf32, interpret = torch.backends.cuda.matmul.allow_tf32, os.environ.get("TRITON_INTERPRET")
+    # TF32 is set and restored through torch's new fp32_precision API (reading the legacy allow_tf32 flag raises once
+    # the new API was used); configs.tf32_enabled() reads it the same way
+    matmul = torch.backends.cuda.matmul
+    tf32, interpret = matmul.fp32_precision, os.environ.get("TRITON_INTERPRET")
     try:
-        torch.backends.cuda.matmul.allow_tf32 = s.tf32
+        matmul.fp32_precision = "tf32" if s.tf32 else "ieee"
         os.environ["TRITON_INTERPRET"] = "1"
         with configs.capture_launches() as launches, _NoVendorCompute():
             y = smoa_linear_triton(x, x_a, weight, bias, lora_A, lora_B, row_order, col_order, s.num_blocks, 2.0,
@@ -223,7 +233,7 @@ def capture(scenario: Scenario, path: str | None, keyword: str | None) -> Captur
     except Exception as error:  # a gate failure: the entry point cannot run this scenario
         result.error = f"{type(error).__name__}: {error}"
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+        matmul.fp32_precision = tf32
         if interpret is None:
             os.environ.pop("TRITON_INTERPRET", None)
         else:
@@ -249,6 +259,7 @@ class Job:
     used_by: list = dataclasses.field(default_factory=list)  # "scenario / path" labels
     aligned: bool = True  # launched by at least one aligned scenario (see Scenario.aligned; build_jobs sets it)
     yardstick: dict | None = None  # set for yardstick jobs: the tile it stands in for
+    shared_estimate: int | None = None  # configs.shared_memory_estimate: what the run-time fit check assumes
 
     def key(self) -> str:
         blob = repr((self.kernel, self.config_index, self.arch, sorted(self.signature.items()),
@@ -301,13 +312,16 @@ def build_jobs(captures: list[Capture], quick: bool, archs=ARCHS) -> list[Job]:
                 meta = configs.config_meta(entry)
                 kwargs = {**launch.constexprs, **meta, "num_warps": entry["num_warps"],
                           "num_stages": entry["num_stages"]}  # fmt: skip
+                estimate = configs.shared_memory_estimate(launch.name, entry, first.element_size(), launch.constexprs)
                 for arch in archs:
+                    if estimate is not None and estimate > LIMITS[arch]["smem_block"]:
+                        continue  # the run-time fit check never launches this config on this arch
                     signature, constexprs, attrs, options, bound = bind(jit_fn, arch, launch.args, kwargs)
                     max_rank = entry.get("max_rank")
                     if max_rank is not None and bound.get("rank", 0) > max_rank:
                         break
                     job = Job(launch.name, index, entry, arch, signature, constexprs, attrs, options, dtype,
-                              _programs(launch.grid, bound), aligned=False)  # fmt: skip
+                              _programs(launch.grid, bound), aligned=False, shared_estimate=estimate)  # fmt: skip
                     job = jobs.setdefault(job.key(), job)
                     if label not in job.used_by:
                         job.used_by.append(label)
@@ -583,6 +597,8 @@ def _tile_key(tile: dict, arch: int) -> tuple:
 
 def verdict(job: Job, result: dict, yard: dict | None) -> list[str]:
     """The gate's failures for one compiled kernel (empty: it passes)."""
+    from smoa_kernels.triton.configs import MIN_SUPPORTED_SHARED_MEMORY
+
     if result["error"]:
         return [f"compile error: {result['error']}"]
     fails = []
@@ -590,6 +606,13 @@ def verdict(job: Job, result: dict, yard: dict | None) -> list[str]:
         fails.append(f"spills {result['spill_stores']}/{result['spill_loads']} B")
     if result["shared"] > LIMITS[job.arch]["smem_block"]:
         fails.append(f"shared memory {result['shared']} B > {LIMITS[job.arch]['smem_block']}")
+    if job.yardstick is None and job.shared_estimate is None and result["shared"] > MIN_SUPPORTED_SHARED_MEMORY:
+        # a config launched whatever the call: it must fit the smallest supported GPU (sm_86 / sm_89, 99 KB)
+        fails.append(f"shared memory {result['shared']} B > {MIN_SUPPORTED_SHARED_MEMORY} B, the least of the "
+                     "supported GPUs (configs.SUPPORTED_CAPABILITIES)")  # fmt: skip
+    if job.shared_estimate is not None and result["shared"] > job.shared_estimate:
+        # the run-time fit check (configs.fitting_configs) would launch a config that may not fit the device
+        fails.append(f"shared memory {result['shared']} B > the fit check's estimate {job.shared_estimate} B")
     loop = result.get("main_loop")
     if loop is None:  # no main loop: scalar loads are reported (ld16 column, JSON), not a gate (issue 9: main loops);
         return fails  # the blocked path's anchor gather W0[R_k, C_k] is element-wise by nature, once per element

@@ -51,7 +51,13 @@ from smoa_kernels.triton.configs import tl, triton
 
 ALIGN = 16  # band starts and leading dimensions in elements (Triton specialises integers divisible by 16)
 RANK_CHUNK_MAX = 32  # the rank-64 fp32 tiles spilled on sm_80 and sm_90 in the compile check
-EPILOGUE_BLOCK_O = 32  # rows per program of the factor epilogue; fixed here because it sizes the dA partial buffer
+EPILOGUE_BLOCK_O = 32  # rows per row tile of the factor epilogue (fixed here: the launcher's grid is made of them)
+EPILOGUE_WAVES = 2  # the factor epilogue's grid fills the device this many times (see epilogue_grid)
+# Row tiles per factor-epilogue launch: a block with more rows is done in chunks, so the dA partial buffer (one
+# r_k × |C_k| fp32 slot per row tile of a launch) stays ≤ EPILOGUE_CHUNK_TILES·r_k·|C_k| whatever |R_k| (for a
+# 128256 × 8192 lm_head at K = 1, r = 32: 67 MB, where one slot per row tile of the whole block took 4.2 GB).
+EPILOGUE_CHUNK_TILES = 64
+EPILOGUE_COLUMN_ALIGN = 64  # a program's column range is a multiple of this (of every shipped BLOCK_C)
 
 
 def _round_up(n: int, multiple: int = ALIGN) -> int:
@@ -204,42 +210,49 @@ def _smoa_factor_epilogue_kernel(
     M,
     A_BAND,
     B_BAND,
-    DB_BAND,
+    DB_PART,
     DA_PART,
     n_band_rows,
     n_band_cols,
     rank,
+    cols_per_program,
     scale,
     stride_go,
     stride_mo,
     stride_at,
     stride_bo,
-    stride_dbo,
+    stride_dbp_split,
+    stride_dbp_o,
     stride_dap_tile,
     stride_dap_t,
     RANK_CHUNK: tl.constexpr,
     BLOCK_O: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """One block's factor gradient from ``G_k = dy_bandᵀ x_band`` (fp32, |R_k|×|C_k|, unit column stride).
+    """The factor gradient of one chunk of a block's rows from ``G_k = dy_bandᵀ x_band`` (fp32, unit column stride).
 
-    Each program owns BLOCK_O rows and RANK_CHUNK ranks and walks the block's columns: ``H = s·G ⊙ M_k`` (the
-    anchor ``M_k = W0[R_k, C_k]`` read contiguous from the buffer the generation kernel gathered it into),
-    ``dB_k[rows] = Σ_c H Aᵀ`` complete in registers (stored once), and ``B_kᵀ H`` for its rows into its own slot of
-    ``DA_PART`` (summed by the launcher): deterministic, no atomics. fp32 throughout."""
+    Program (i, j, t) owns row tile i (BLOCK_O rows), RANK_CHUNK ranks and the j-th contiguous range of
+    ``cols_per_program`` columns (a multiple of 64, so of BLOCK_C, and the masks stay uniform over vectors):
+    ``H = s·G ⊙ M_k`` (the anchor ``M_k = W0[R_k, C_k]`` read contiguous from the buffer the generation kernel
+    gathered it into), ``Σ_c H Aᵀ`` for its rows into ``DB_PART[j, rows]`` and ``B_kᵀ H`` for its rows into
+    ``DA_PART[i, :, cols]``. Every slot is written once per launch (nothing accumulates into earlier values, so
+    autotuning trials and reruns need no reset); the launcher sums both partial buffers over their first axis:
+    deterministic, no atomics. fp32 throughout."""
     pid = tl.program_id(0)
+    pid_c = tl.program_id(1)
     local_o = pid * BLOCK_O + tl.arange(0, BLOCK_O)
     mask_o = local_o < n_band_rows
-    offs_t = tl.program_id(1) * RANK_CHUNK + tl.arange(0, RANK_CHUNK)  # this program's ranks
+    offs_t = tl.program_id(2) * RANK_CHUNK + tl.arange(0, RANK_CHUNK)  # this program's ranks
     mask_t = offs_t < rank
     n_cols_pad = (n_band_cols + 15) // 16 * 16  # A_BAND is a view into the padded band layout
+    col_lo = pid_c * cols_per_program
     local_o64 = local_o.to(tl.int64)
     b = tl.load(
         B_BAND + local_o64[:, None] * stride_bo + offs_t[None, :], mask=mask_o[:, None] & mask_t[None, :], other=0.0
     )
     grad_b = tl.full((BLOCK_O, RANK_CHUNK), 0.0, tl.float32)
-    for c_start in range(0, n_band_cols, BLOCK_C):
-        local_c = c_start + tl.arange(0, BLOCK_C)
+    for c_start in range(0, cols_per_program, BLOCK_C):
+        local_c = col_lo + c_start + tl.arange(0, BLOCK_C)
         mask_c = local_c < n_band_cols
         tile_mask = mask_o[:, None] & mask_c[None, :]
         g = tl.load(G + local_o64[:, None] * stride_go + local_c[None, :], mask=tile_mask, other=0.0)
@@ -260,7 +273,9 @@ def _smoa_factor_epilogue_kernel(
             mask=mask_t[:, None] & mask_c[None, :],
         )
     tl.store(
-        DB_BAND + local_o64[:, None] * stride_dbo + offs_t[None, :], grad_b, mask=mask_o[:, None] & mask_t[None, :]
+        DB_PART + pid_c.to(tl.int64) * stride_dbp_split + local_o64[:, None] * stride_dbp_o + offs_t[None, :],
+        grad_b,
+        mask=mask_o[:, None] & mask_t[None, :],
     )
 
 
@@ -333,6 +348,7 @@ class Orders:
 
 def prepare_orders(row_order: torch.Tensor, col_order: torch.Tensor) -> Orders:
     """Clamp, invert and check the orders on the device (see the module docstring's "Order guard")."""
+    row_order, col_order = row_order.contiguous(), col_order.contiguous()  # the kernel reads them densely
     flag = torch.empty((), dtype=torch.float32, device=row_order.device)
     row, col = torch.empty_like(row_order), torch.empty_like(col_order)
     inv_row, inv_col = torch.empty_like(row_order), torch.empty_like(col_order)
@@ -558,6 +574,25 @@ def _fp32_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a.float(), b.float())
 
 
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (an H100's 132 where there is no CUDA device: the interpreter and the
+    compile gate then see an H100's grid)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+def epilogue_grid(rows: int, cols: int, rank_chunks: int, multiprocessors: int) -> tuple[int, int]:
+    """``(row_tiles, col_programs)`` of one factor-epilogue launch over ``rows`` (≤ EPILOGUE_CHUNK_TILES row tiles) of
+    a block with ``cols`` columns: column programs (never more than the 64-column tiles) are added until the grid gives
+    ``EPILOGUE_WAVES`` waves on the device (at 4096², K = 2: 64 row tiles × 5 column ranges = 320 programs on an
+    H100's 132 SMs, where one program per row tile gave 64)."""
+    row_tiles = triton.cdiv(rows, EPILOGUE_BLOCK_O)
+    wanted = triton.cdiv(EPILOGUE_WAVES * multiprocessors, row_tiles * rank_chunks)
+    return row_tiles, max(1, min(triton.cdiv(cols, 64), wanted))
+
+
 def factor_grads(
     dy_bands: torch.Tensor,
     xa_bands: torch.Tensor,
@@ -582,41 +617,54 @@ def factor_grads(
     # The anchors M_k gathered once, contiguous (the same transient slot as ΔW_k, which is freed by now), so that the
     # epilogue's main loop reads them with vector loads instead of gathering W0 element by element.
     anchors = delta_blocks(weight, None, None, orders, num_blocks, 1.0)
+    rank_chunks = triton.cdiv(configs._rank_pad(rank), _rank_chunk(rank))
     for k, ((r0, r1), (c0, c1)) in enumerate(zip(block_bounds(d_out, num_blocks), block_bounds(d_in, num_blocks))):
         rows_k, cols_k = r1 - r0, c1 - c0
         dy_k = dy_bands[:, row_starts[k] : row_starts[k] + rows_k]
         xa_k = xa_bands[:, col_starts[k] : col_starts[k] + cols_k]
         g = _fp32_mm(dy_k.t(), xa_k)  # |R_k| × |C_k|, fp32, contiguous
-        tiles = triton.cdiv(rows_k, EPILOGUE_BLOCK_O)
-        da_part = torch.empty((tiles, rank, cols_k), dtype=torch.float32, device=g.device)
         a_k = a_bands[:, col_starts[k] : col_starts[k] + cols_k]
-        b_k = b_bands[r0:r1]
-        db_k = grad_b_bands[r0:r1]
-        configs.launch(
-            "factor_epilogue",
-            (tiles, triton.cdiv(configs._rank_pad(rank), _rank_chunk(rank))),
-            g,
-            anchors[r0:r1],
-            a_k,
-            b_k,
-            db_k,
-            da_part,
-            rows_k,
-            cols_k,
-            rank,
-            float(scale),
-            g.stride(0),
-            anchors.stride(0),
-            a_k.stride(0),
-            b_k.stride(0),
-            db_k.stride(0),
-            da_part.stride(0),
-            da_part.stride(1),
-            RANK_CHUNK=_rank_chunk(rank),
-            BLOCK_O=EPILOGUE_BLOCK_O,
-        )
+        chunk_rows = EPILOGUE_CHUNK_TILES * EPILOGUE_BLOCK_O
+        for lo in range(0, rows_k, chunk_rows):
+            hi = min(lo + chunk_rows, rows_k)
+            row_tiles, col_programs = epilogue_grid(hi - lo, cols_k, rank_chunks, _multiprocessors(g.device))
+            cols_per_program = _round_up(triton.cdiv(cols_k, col_programs), EPILOGUE_COLUMN_ALIGN)
+            col_programs = triton.cdiv(cols_k, cols_per_program)
+            da_part = torch.empty((row_tiles, rank, cols_k), dtype=torch.float32, device=g.device)
+            db_part = torch.empty((col_programs, hi - lo, rank), dtype=torch.float32, device=g.device)
+            g_chunk, b_chunk = g[lo:hi], b_bands[r0 + lo : r0 + hi]
+            configs.launch(
+                "factor_epilogue",
+                (row_tiles, col_programs, rank_chunks),
+                g_chunk,
+                anchors[r0 + lo : r0 + hi],
+                a_k,
+                b_chunk,
+                db_part,
+                da_part,
+                hi - lo,
+                cols_k,
+                rank,
+                cols_per_program,
+                float(scale),
+                g.stride(0),
+                anchors.stride(0),
+                a_k.stride(0),
+                b_bands.stride(0),
+                db_part.stride(0),
+                db_part.stride(1),
+                da_part.stride(0),
+                da_part.stride(1),
+                RANK_CHUNK=_rank_chunk(rank),
+                BLOCK_O=EPILOGUE_BLOCK_O,
+            )
+            band = grad_a_bands[:, col_starts[k] : col_starts[k] + cols_k]
+            if lo == 0:
+                band.copy_(da_part.sum(0))
+            else:
+                band.add_(da_part.sum(0))
+            grad_b_bands[r0 + lo : r0 + hi] = db_part.sum(0)
         del g
-        grad_a_bands[:, col_starts[k] : col_starts[k] + cols_k] = da_part.sum(0)
     # back to original coordinates (tiny, r_k·D): the bands' data columns are the sorted order itself
     data = _band_data_positions(d_in, num_blocks, weight.device)
     nan = float("nan")  # every element is written when the orders are permutations (otherwise all is NaN anyway)

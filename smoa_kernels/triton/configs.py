@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import importlib
 import os
+import threading
 import types
 from collections.abc import Iterator
 
@@ -135,29 +136,143 @@ def jit_kernel(name: str, interpret: bool):
             os.environ["TRITON_INTERPRET"] = previous
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Devices: the supported ones, and whether a config fits one
+# ----------------------------------------------------------------------------------------------------------------------
+
+# Compute capabilities the kernels are built and gated for: the compile gate compiles every launch for sm_80 and
+# sm_90, and sm_86/sm_87/sm_89 (A10, Orin, L4, RTX 30xx/40xx) run the sm_80 code Triton emits for them with the same
+# instructions (only their shared memory is smaller, which the fit check below accounts for). Older GPUs (T4, V100)
+# lack what the kernels use (cp.async, bf16 MMA) and newer ones (sm_100, sm_120) are not compiled by the gate.
+SUPPORTED_CAPABILITIES = ((8, 0), (8, 6), (8, 7), (8, 9), (9, 0))
+# The least shared memory per block among them (sm_86/sm_89: 99 KB opt-in): every config of the blocked path's glue
+# kernels must fit it (a compile-gate rule); the fused GEMM's configs are fitted per call (fused_fits).
+MIN_SUPPORTED_SHARED_MEMORY = 101376
+
+
+def device_shared_memory(device: torch.device) -> int:
+    """Opt-in shared memory per block of a CUDA ``device`` in bytes (an H100's 232448 B elsewhere: the interpreter
+    and the compile gate see an H100)."""
+    if device.type != "cuda":
+        return 232448
+    return _cuda_shared_memory(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_shared_memory(index: int) -> int:
+    return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
+
+
+def device_support(device: torch.device) -> tuple[bool, str]:
+    """``(True, "")`` if the Triton kernels are built for ``device`` (a CPU under the interpreter included), else
+    ``(False, reason)``: a compute capability outside :data:`SUPPORTED_CAPABILITIES`, or too little shared memory for
+    the blocked path's glue kernels."""
+    if device.type != "cuda":
+        return True, ""
+    capability = torch.cuda.get_device_capability(device)
+    name = torch.cuda.get_device_name(device)
+    if tuple(capability) not in SUPPORTED_CAPABILITIES:
+        supported = ", ".join(f"sm_{major}{minor}" for major, minor in SUPPORTED_CAPABILITIES)
+        return False, (f"{name} has compute capability sm_{capability[0]}{capability[1]}; the SMoA Triton kernels are "
+                       f"built and checked for {supported}")  # fmt: skip
+    shared = device_shared_memory(device)
+    if shared < MIN_SUPPORTED_SHARED_MEMORY:
+        need = MIN_SUPPORTED_SHARED_MEMORY
+        return False, f"{name} has {shared} B of shared memory per block; the kernels need {need} B"
+    return True, ""
+
+
+def shared_memory_estimate(name: str, entry: dict, element_bytes: int, constexprs: dict) -> int | None:
+    """An upper bound on the shared memory (bytes) a launch of kernel ``name`` with config ``entry`` needs, for the
+    kernels whose need depends on the call (the fused GEMM: its rank pad); ``None`` for the others (their configs are
+    checked against :data:`MIN_SUPPORTED_SHARED_MEMORY` by the compile gate).
+
+    The fused GEMM pipelines, per stage beyond the first, the V tile (RANK_PAD × BLOCK_R), the W0 tile (BLOCK_O ×
+    BLOCK_R) and one or two activation tiles (BLOCK_R × BLOCK_N), keeps the U tile (BLOCK_O × RANK_PAD) once and
+    converts the fp32 accumulator through shared memory in the epilogue. The compile gate checks that this bound is at
+    least what the compiler reports for every shipped config and launched variant (it is exact for most)."""
+    if name != "gemm":
+        return None
+    block_o, block_n, block_r = entry["BLOCK_O"], entry["BLOCK_N"], entry["BLOCK_R"]
+    rank_pad = constexprs["RANK_PAD"]
+    activations = 1 if constexprs.get("XA_IS_X", True) or constexprs.get("MERGED", False) else 2
+    per_stage = rank_pad * block_r + block_o * block_r + activations * block_r * block_n
+    pipelined = (entry["num_stages"] - 1) * element_bytes * per_stage
+    return pipelined + element_bytes * block_o * rank_pad + 4 * block_o * block_n
+
+
+def fitting_configs(name: str, dtype: torch.dtype, constexprs: dict, shared_memory: int) -> list[dict]:
+    """The ``KERNEL_CONFIGS[name]`` entries shipped for ``dtype`` whose shared memory fits ``shared_memory`` bytes, in
+    the list's order (the first is the interpreter's and deterministic mode's single config)."""
+    element_bytes = torch.empty((), dtype=dtype).element_size()
+    fits = []
+    for entry in KERNEL_CONFIGS[name]:
+        if _DTYPE_NAMES[dtype] not in config_dtypes(entry) or "max_rank" in entry:
+            continue
+        need = shared_memory_estimate(name, entry, element_bytes, constexprs)
+        if need is None or need <= shared_memory:
+            fits.append(entry)
+    return fits
+
+
+# The largest rank pad (K·r_k padded to a power of two) the fused GEMM serves: its U tile (BLOCK_O × RANK_PAD) lives
+# in registers and its V tile in every pipeline stage, so above 128 the shipped tiles spill or need 143–365 KB of
+# shared memory (more than an A100's 163 KB at RANK_PAD = 512); such ranks take the blocked path, whose shared memory
+# and registers do not grow with the rank (it walks the rank RANK_CHUNK_MAX = 32 at a time).
+FUSED_MAX_RANK_PAD = 128
+
+
+def fused_fits(dtype: torch.dtype, rank_pad: int, device: torch.device, *, two_activations: bool = False) -> bool:
+    """Whether the fused GEMM serves this rank pad (≤ :data:`FUSED_MAX_RANK_PAD`) with some config that fits
+    ``device``'s shared memory: if not, ``auto`` takes the blocked path."""
+    if rank_pad > FUSED_MAX_RANK_PAD:
+        return False
+    return _fused_fits(dtype, rank_pad, device_shared_memory(device), two_activations)
+
+
+@functools.cache
+def _fused_fits(dtype: torch.dtype, rank_pad: int, shared_memory: int, two_activations: bool) -> bool:
+    constexprs = {"RANK_PAD": rank_pad, "XA_IS_X": not two_activations, "MERGED": False}
+    return bool(fitting_configs("gemm", dtype, constexprs, shared_memory))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Autotuning
+# ----------------------------------------------------------------------------------------------------------------------
+
+# One lock per kernel around its autotuned launches: triton's Autotuner keeps per-call state on the shared object
+# (the bound arguments, the timings of a tuning in progress), so two threads launching the same kernel could mix
+# them. The lock covers the host-side launch only (kernels still run asynchronously).
+_AUTOTUNE_LOCKS = {name: threading.Lock() for name in KERNEL_CONFIGS}
+
+
 @functools.cache
 def _autotuned_kernel(name: str):
     configs = []
     for entry in KERNEL_CONFIGS[name]:
         config = triton.Config(config_meta(entry), num_warps=entry["num_warps"], num_stages=entry["num_stages"])
-        config.smoa_dtypes, config.smoa_max_rank = config_dtypes(entry), entry.get("max_rank")
+        config.smoa_entry = entry
         configs.append(config)
 
     def prune(configs, named_args, **kwargs):
-        dtype = _DTYPE_NAMES[named_args[_ACTIVATION_ARG[name]].dtype]
+        activation = named_args[_ACTIVATION_ARG[name]]
+        fits = fitting_configs(name, activation.dtype, kwargs, device_shared_memory(activation.device))
         rank = named_args.get("rank", 0)
-        return [
-            config
-            for config in configs
-            if dtype in config.smoa_dtypes and (config.smoa_max_rank is None or rank <= config.smoa_max_rank)
-        ]
+        kept = [c for c in configs if any(c.smoa_entry is e for e in fits)]
+        kept = [c for c in kept if c.smoa_entry.get("max_rank") is None or rank <= c.smoa_entry["max_rank"]]
+        if not kept:  # the dispatcher routes shapes without a fitting config elsewhere: reaching here is a bug
+            raise RuntimeError(f"no {name} config fits the device's shared memory for {kwargs}")
+        return kept
 
+    # cache_results: the chosen config of each key is stored in Triton's cache directory (TRITON_CACHE_DIR, default
+    # ~/.triton/cache), so a restarted run does not tune again.
     return triton.autotune(
         configs=configs,
         key=_AUTOTUNE_KEYS[name],
         reset_to_zero=_RESET_TO_ZERO[name],
         restore_value=_RESTORE_VALUE[name],
         prune_configs_by={"early_config_prune": prune},
+        cache_results=True,
     )(jit_kernel(name, False))
 
 
@@ -169,6 +284,20 @@ def default_config(name: str, dtype: torch.dtype) -> dict:
         for entry in KERNEL_CONFIGS[name]
         if _DTYPE_NAMES[dtype] in config_dtypes(entry) and "max_rank" not in entry
     )
+
+
+def single_config(name: str, activation: torch.Tensor, constexprs: dict) -> dict:
+    """The one config of an untuned launch (interpreter, deterministic mode): :func:`default_config`, or where it does
+    not fit the device's shared memory at this launch's constexprs, the first shipped config that does."""
+    entry = default_config(name, activation.dtype)
+    shared = device_shared_memory(activation.device)
+    need = shared_memory_estimate(name, entry, activation.element_size(), constexprs)
+    if need is None or need <= shared:
+        return entry
+    fits = fitting_configs(name, activation.dtype, constexprs, shared)
+    if not fits:  # the dispatcher routes shapes without a fitting config elsewhere: reaching here is a bug
+        raise RuntimeError(f"no {name} config fits the device's {shared} B of shared memory for {constexprs}")
+    return fits[0]
 
 
 def raw_kernel(name: str):
@@ -217,28 +346,54 @@ def launch(name: str, grid, *args, **constexprs) -> None:
         _CAPTURE[-1].append(Launch(name, grid, args, constexprs))
         return
     if _interpreting() or torch.are_deterministic_algorithms_enabled():
-        entry = default_config(name, args[0].dtype)  # args[0]: see _ACTIVATION_ARG
+        entry = single_config(name, args[0], constexprs)  # args[0]: see _ACTIVATION_ARG
         options = {"num_warps": entry["num_warps"], "num_stages": entry["num_stages"]}
         jit_kernel(name, _interpreting())[grid](*args, **constexprs, **config_meta(entry), **options)
     else:
-        _autotuned_kernel(name)[grid](*args, **constexprs)
+        with _AUTOTUNE_LOCKS[name]:
+            _autotuned_kernel(name)[grid](*args, **constexprs)
 
 
-# tl.dot precision for fp32 operands, keyed by torch.backends.cuda.matmul.allow_tf32. Without TF32 the kernels use
-# three TF32 products ("tf32x3", error at the level of fp32 rounding) rather than "ieee": an FMA-based fp32 dot spills
-# hundreds of bytes of registers in every shipped tile (tools/kernel_report.py). 16-bit operands ignore it.
+# tl.dot precision for fp32 operands, keyed by whether torch allows TF32 in fp32 matmuls (tf32_enabled). Without TF32
+# the kernels use three TF32 products ("tf32x3", error at the level of fp32 rounding) rather than "ieee": an FMA-based
+# fp32 dot spills hundreds of bytes of registers in every shipped tile (tools/kernel_report.py). 16-bit operands
+# ignore it.
 FP32_DOT_PRECISION = {True: "tf32", False: "tf32x3"}
+
+
+def tf32_enabled() -> bool:
+    """Whether torch computes fp32 CUDA matmuls in TF32, read through the API that never raises.
+
+    torch ≥ 2.9 has two APIs: the legacy ``torch.backends.cuda.matmul.allow_tf32`` and the new ``fp32_precision``
+    attributes. Once the new one was used to ask for TF32, *reading* the legacy flag raises ``RuntimeError`` ("mix of
+    the legacy and new APIs"); the new attribute reflects both ("tf32" after ``allow_tf32 = True`` or
+    ``set_float32_matmul_precision("high")`` too) and never raises. ``"none"`` at the matmul level inherits the global
+    ``torch.backends.fp32_precision``. Older torch has only the legacy flag."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:  # torch < 2.9: the legacy flag is the only one
+        return bool(matmul.allow_tf32)
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    return precision == "tf32"
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
     if dtype != torch.float32 or (_interpreting() and not _CAPTURE):
         return "ieee"  # the interpreter computes exact fp32 whatever the flag (captured launches: as on a GPU)
-    return FP32_DOT_PRECISION[bool(torch.backends.cuda.matmul.allow_tf32)]
+    return FP32_DOT_PRECISION[tf32_enabled()]
 
 
 def _rank_pad(rank: int) -> int:
     return max(MIN_DOT, triton.next_power_of_2(max(rank, 1)))
 
 
+# Token-count buckets of the autotune keys: a kernel is tuned at most once per bucket (and per layer shape and code
+# variant), so a run whose N wanders (packed sequences, the last batch of an epoch) re-tunes at most len(N_BUCKETS)
+# times per layer shape instead of once per power of two. The fused path serves small N only (the cost model sends
+# training-sized N to the blocked path), so the last bucket holds everything above 256 tokens.
+N_BUCKETS = (16, 64, 256, 1 << 62)
+
+
 def _n_bucket(n_rows: int) -> int:
-    return triton.next_power_of_2(max(n_rows, 1))
+    return next(bucket for bucket in N_BUCKETS if n_rows <= bucket)

@@ -13,6 +13,7 @@ so the decision needs no agreement between forward and backward.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -39,11 +40,37 @@ def _gpu_class(device: torch.device) -> str:
 
 
 def resolve_path(
-    path: str, n_tokens: int, d_out: int, d_in: int, num_blocks: int, dtype: torch.dtype, device: torch.device
+    path: str,
+    n_tokens: int,
+    d_out: int,
+    d_in: int,
+    num_blocks: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    rank: int = 0,
+    two_activations: bool = False,
 ) -> str:
-    """``"fused"`` or ``"blocked"``: ``path`` itself, or for ``"auto"`` the cost model's choice for this call."""
-    if path != "auto":
+    """``"fused"`` or ``"blocked"`` for one call (``rank``: r_k, the factors' rank; ``two_activations``: x_a is not x).
+
+    ``"blocked"`` as asked. ``"fused"`` as asked if one of its configs fits the device's shared memory at this rank
+    (the fused GEMM holds the block-extended factors, K·r_k ranks padded to a power of two, in every stage), else a
+    ``ValueError``. ``"auto"``: the blocked path for an empty batch (N = 0: nothing is launched) and where no fused
+    config fits (high total rank, small-shared-memory GPUs: the blocked path's memory does not grow with the rank),
+    else the cost model's choice."""
+    if path == "blocked":
         return path
+    rank_pad = configs._rank_pad(num_blocks * rank)
+    fits = configs.fused_fits(dtype, rank_pad, device, two_activations=two_activations)
+    if path == "fused":
+        if not fits:
+            raise ValueError(
+                f"path='fused' cannot run num_blocks={num_blocks} × r_k={rank} (rank pad {rank_pad}) in "
+                f"{dtype}: no fused config fits the {configs.device_shared_memory(device)} B of shared memory per "
+                "block of this device; use path='auto' or 'blocked'"
+            )
+        return path
+    if n_tokens == 0 or not fits:
+        return "blocked"
     element_bytes = torch.empty((), dtype=dtype).element_size()
     return cost_model.choose_path(n_tokens, d_out, d_in, num_blocks, element_bytes=element_bytes,
                                   gpu=_gpu_class(device))  # fmt: skip
@@ -58,6 +85,19 @@ def _fused_operands(lora_A, lora_B, orders, num_blocks):
     blk_row = torch.where(ok, block_ids(orders.row, num_blocks), 0)
     blk_col = torch.where(ok, block_ids(orders.col, num_blocks), 0)
     return lora_A * flag, lora_B * flag, blk_row, blk_col
+
+
+def _on_device(tensor: torch.Tensor):
+    """The tensor's CUDA device made current for the block (a no-op for CPU tensors under the interpreter).
+
+    Triton launches on ``torch.cuda.current_device()`` and that device's current stream, not on the tensors' device,
+    while torch's own ops (cuBLAS, index_select) run on the tensors' device and its current stream. For a layer on
+    ``cuda:1`` (``device_map="auto"``, DDP with ``model.to(f"cuda:{rank}")`` and no ``set_device``) the two would
+    differ: a crash without peer access, with it a kernel racing the cuBLAS result it reads. Every custom-op body runs
+    inside this guard, so both kinds of launch go to the same device and stream."""
+    if tensor.is_cuda:
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -83,9 +123,10 @@ def _forward_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, x_band)``; ``x_band`` is x_a gathered into the padded band layout when ``save`` (else empty; the
     Function asks for it only when dropout makes x_a a tensor of its own)."""
-    with torch.autocast(x.device.type, enabled=False):  # dtypes were fixed by smoa_linear_triton
+    with _on_device(x), torch.autocast(x.device.type, enabled=False):  # dtypes were fixed by smoa_linear_triton
         orders = blocked.prepare_orders(row_order, col_order)
-        chosen = "fused" if merged else resolve_path(path, x.shape[0], *weight.shape, num_blocks, x.dtype, x.device)
+        chosen = "fused" if merged else resolve_path(path, x.shape[0], *weight.shape, num_blocks, x.dtype, x.device,
+                                                     lora_A.shape[0], x_adapter is not None)  # fmt: skip
         if chosen == "blocked":
             y, xa_bands = blocked.blocked_forward(x, x_adapter, weight, bias, lora_A, lora_B, orders, num_blocks,
                                                   scale)  # fmt: skip
@@ -123,12 +164,12 @@ def _backward_op(
     """``(dx, dx_a, db, dÂ, dB̂)``; entries not asked for by ``needs`` are empty tensors. ``x_saved``: x itself when
     ``adapter_is_x`` (gathered into bands here), else x_a already in the padded band layout."""
     need_x, need_xa, need_bias, need_A, need_B = needs
-    with torch.autocast(grad_out.device.type, enabled=False):
+    with _on_device(grad_out), torch.autocast(grad_out.device.type, enabled=False):
         grad_out = grad_out.contiguous()
         orders = blocked.prepare_orders(row_order, col_order)
         n_rows = grad_out.shape[0]
         chosen = "fused" if merged else resolve_path(path, n_rows, *weight.shape, num_blocks, grad_out.dtype,
-                                                     grad_out.device)  # fmt: skip
+                                                     grad_out.device, lora_A.shape[0])  # fmt: skip
         dy_bands = None
         if need_A or need_B or chosen == "blocked":
             dy_bands = blocked.gather_bands(grad_out, orders.row, num_blocks)
@@ -356,6 +397,13 @@ def smoa_linear_triton(
         raise ValueError("merged_weight=True is a fast path of the fused kernel: it cannot be combined with "
                          "path='blocked'")  # fmt: skip
     x, x_adapter, weight, bias, lora_A, lora_B = _autocast(x, x_adapter, weight, bias, lora_A, lora_B)
+    if merged_weight or path == "fused":  # refused here, before any launch, when no fused config fits the device
+        resolve_path("fused", 1, *weight.shape, num_blocks, x.dtype, x.device, lora_A.shape[0], x_adapter is not x)
+    # The kernels read the bias and the orders as dense vectors (element i at offset i); every other operand reaches a
+    # kernel with its strides, or through a torch op that honours them. A strided, offset or expanded vector
+    # (``bias = t[::2]``) is made dense here: d elements, and a no-op when it already is (autograd flows through).
+    bias = None if bias is None else bias.contiguous()
+    row_order, col_order = row_order.contiguous(), col_order.contiguous()
     same = x_adapter is x
     d_in = weight.shape[1]
     lead = x.shape[:-1]
