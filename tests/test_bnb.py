@@ -460,7 +460,7 @@ def test_smollm2_in_4bit_trains_saves_and_reloads(smollm2, tmp_path):  # noqa: F
 # ---- bench providers -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("provider", ["lora-4bit", "hira-4bit", "smoa-4bit"])
 def test_bench_providers_over_a_4bit_base_match_their_oracles(provider):
-    from smoa.bench.providers import BenchInputs, build_case
+    from smoa.bench import BenchInputs, build_case
 
     inputs = BenchInputs.make(d_in=64, d_out=48, tokens=32, dtype=torch.float32, device="cpu")
     case = build_case(provider, inputs, r=4, num_blocks=2)

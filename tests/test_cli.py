@@ -141,8 +141,7 @@ def test_default_outputs_are_git_ignored_and_not_committed_results():
 def test_default_bench_providers_on_cpu_are_only_the_runnable_ones():
     import torch
 
-    from smoa.bench.providers import PROVIDERS
-    from smoa.bench.run import BenchConfig
+    from smoa.bench.run import PROVIDERS, BenchConfig
 
     providers = BenchConfig(device="cpu").resolve().providers
     cpu = torch.device("cpu")

@@ -211,8 +211,8 @@ def test_merged_weight_k1_against_the_reference(dtype, scale):
 
 
 def test_bench_provider_hira_smoa_is_the_accelerated_peft_layer():
-    from smoa.bench.providers import TOLERANCES as BENCH_TOLERANCES
-    from smoa.bench.providers import BenchInputs, build_case
+    from smoa.bench import TOLERANCES as BENCH_TOLERANCES
+    from smoa.bench import BenchInputs, build_case
 
     inputs = BenchInputs.make(d_in=24, d_out=16, tokens=5, dtype=torch.float32, device="cpu")  # d_out ≠ d_in
     case = build_case("hira-smoa", inputs, r=8, num_blocks=2)

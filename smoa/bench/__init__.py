@@ -1,9 +1,11 @@
 """``smoa bench``: what an SMoA layer costs per step against a frozen layer, PEFT LoRA/HiRA and the dense reference.
 
-One file per concern: :mod:`~smoa.bench.flops` (the FLOP floors, KERNELS.md §1), :mod:`~smoa.bench.providers`
-(the benchmarked layers on shared inputs, their oracles, the modes), :mod:`~smoa.bench.measure` (time and memory on
-CUDA and CPU), :mod:`~smoa.bench.report` (CSV, table, plot), :mod:`~smoa.bench.run` (the loop and the command) and
-:mod:`~smoa.bench.command` (the light ``smoa bench`` registration). Names below are imported on first use.
+One file per concern: :mod:`~smoa.bench.flops` (the FLOP floors, KERNELS.md §1), :mod:`~smoa.bench.registry`
+(what a provider is; the table providers register into), :mod:`~smoa.bench.providers` (the benchmarked layers on
+shared inputs, their oracles, the modes; the 4-bit and PEFT-HiRA providers in modules beside it),
+:mod:`~smoa.bench.measure` (time and memory on CUDA and CPU), :mod:`~smoa.bench.report` (CSV, table, plot),
+:mod:`~smoa.bench.run` (the loop and the command; it imports every provider module) and :mod:`~smoa.bench.command`
+(the light ``smoa bench`` registration). Names below are imported on first use.
 
 Python API::
 
@@ -17,14 +19,14 @@ import importlib
 _EXPORTS = {
     **dict.fromkeys(("FLOOR_TABLE", "MODES", "flop_floor", "forward_backward_flops"), "smoa.bench.flops"),
     **dict.fromkeys(("Timing", "peak_memory", "time_callable"), "smoa.bench.measure"),
-    **dict.fromkeys(
-        ("PROVIDERS", "TOLERANCES", "BenchInputs", "Case", "Provider", "build_case", "register_provider"),
-        "smoa.bench.providers",
-    ),
+    **dict.fromkeys(("Provider", "register_provider"), "smoa.bench.registry"),
     **dict.fromkeys(("CSV_COLUMNS", "format_table", "plot_results"), "smoa.bench.report"),
     **dict.fromkeys(
-        ("CPU_DEFAULTS", "CUDA_DEFAULTS", "BenchConfig", "BenchResult", "register", "run_bench"), "smoa.bench.run"
+        # smoa.bench.run imports every provider module: the table and build_case know every provider from here
+        ("CPU_DEFAULTS", "CUDA_DEFAULTS", "PROVIDERS", "TOLERANCES", "BenchInputs", "Case", "build_case"),
+        "smoa.bench.run",
     ),
+    **dict.fromkeys(("BenchConfig", "BenchResult", "register", "run_bench"), "smoa.bench.run"),
 }
 
 __all__ = sorted(_EXPORTS)

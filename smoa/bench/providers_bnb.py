@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from smoa.bench.providers import BenchInputs, Built, Provider, _OneLayer, _randomize_factors, register_provider
+from smoa.bench.providers import BenchInputs, _OneLayer, _randomize_factors
+from smoa.bench.registry import Built, Provider, register_provider
 from smoa_kernels.reference import smoa_linear_reference
 
 __all__ = ["quantized_base"]

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from smoa.bench.providers import BenchInputs, Built, Provider, _build_hira, register_provider
+from smoa.bench.providers import BenchInputs, _build_hira
+from smoa.bench.registry import Built, Provider, register_provider
 
 __all__ = ["HIRA_SMOA"]
 
