@@ -614,7 +614,7 @@ def verdict(job: Job, result: dict, yard: dict | None) -> list[str]:
         # the run-time fit check (configs.fitting_configs) would launch a config that may not fit the device
         fails.append(f"shared memory {result['shared']} B > the fit check's estimate {job.shared_estimate} B")
     loop = result.get("main_loop")
-    if loop is None:  # no main loop: scalar loads are reported (ld16 column, JSON), not a gate (issue 9: main loops);
+    if loop is None:  # no main loop: scalar loads are reported (ld16 column, JSON), not a gate (it is on main loops);
         return fails  # the blocked path's anchor gather W0[R_k, C_k] is element-wise by nature, once per element
     if not job.aligned:  # an unaligned shape's specialisation: compile errors and spills only (Scenario.aligned)
         return fails

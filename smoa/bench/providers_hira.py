@@ -1,4 +1,4 @@
-"""``smoa bench`` provider ``hira-smoa``: PEFT's own HiRA layer after :func:`smoa.accelerate` (issue 11).
+"""``smoa bench`` provider ``hira-smoa``: PEFT's own HiRA layer after :func:`smoa.accelerate`.
 
 The ``hira`` provider is PEFT 0.21's ``hira.Linear`` as shipped (a dense ``W0 ⊙ (BA)`` and a second full GEMM per
 call); ``hira-smoa`` is the very same PEFT layer, same factors, routed through :func:`smoa.backends.smoa_linear` at

@@ -30,7 +30,7 @@ GEMM, and the vendor side needs no tuning per GPU; so the vendor GEMM. Same for 
 from the vendor GEMM plus the fused epilogue moves 2·D²/K fp32 elements (≈ 24 µs at D = 4096, K = 2) against
 ≈ 58 µs lost by a Triton GEMM at N = 8192; at small N the fused single-pass path is chosen anyway.
 
-Order guard (issue 10, item 2): every order is clamped into range on the device before any use (index_select,
+Order guard: every order is clamped into range on the device before any use (index_select,
 scatter, the kernels' anchor gathers, which clamp again), so no tensor content can make a kernel read out of bounds;
 and :func:`prepare_orders` computes, without a host sync, a flag that is NaN unless both orders are permutations. The
 ΔW_k / anchor generation multiplies by it (the fused path multiplies the factors), so a non-permutation order makes
