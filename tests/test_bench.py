@@ -301,3 +301,31 @@ def test_triton_providers_are_wired_right_under_the_interpreter(monkeypatch, tin
         pytest.skip(available_backends()["triton"][1])
     error, saved = build_case(provider, tiny_inputs, r=4, num_blocks=2).check()
     assert error <= 1e-5 and saved is not None
+
+
+def test_progress_in_a_log_is_a_few_lines_and_on_a_terminal_the_live_bar():
+    import io
+
+    from smoa.bench.run import progress_bar
+
+    lines = []
+    bar = progress_bar(200, True, io.StringIO(), lines.append)  # a log: not a terminal
+    for _ in range(200):
+        bar.update(1)
+    bar.close()
+    assert len(lines) == 4 and lines[-1].startswith("smoa bench: 200/200")
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    live = progress_bar(10, True, screen, lines.append)
+    live.update(10)
+    live.close()
+    assert "\r" in screen.getvalue() and len(lines) == 4  # tqdm's bar, no log lines
+    quiet = []
+    off = progress_bar(10, False, io.StringIO(), quiet.append)
+    off.update(10)
+    off.close()
+    assert quiet == []

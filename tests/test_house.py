@@ -83,3 +83,14 @@ def test_the_kernel_package_never_imports_the_user_package():
     assert not [
         (a, b) for a, succ in graph.items() for b in succ if a.startswith("smoa_kernels") and b.split(".")[0] == "smoa"
     ]
+
+
+def test_import_smoa_imports_neither_peft_nor_bitsandbytes():
+    # bitsandbytes prints a multi-line notice at import on some CPUs; smoa imports it only when a 4-bit base is
+    # adapted (smoa.peft.bnb uses the copy a bitsandbytes model already imported), never for `import smoa`
+    import subprocess
+    import sys
+
+    code = "import sys, smoa; print(sorted(m for m in ('peft', 'bitsandbytes', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"
