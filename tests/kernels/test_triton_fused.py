@@ -27,6 +27,7 @@ from smoa_kernels.blocks import block_ids
 from smoa_kernels.reference import dense_delta_weight, smoa_linear_reference
 from smoa_kernels.triton import configs
 from smoa_kernels.triton.fused import _gemm
+from tests.utils import seeded
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -62,7 +63,7 @@ def _interpreter_on_cpu():
 
 
 def _problem(n, d_out, d_in, K, r_k, dtype, seed=0, identity=False):
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seeded(seed))
     p = {
         "x": torch.randn(n, d_in, generator=gen),
         "x_adapter": torch.randn(n, d_in, generator=gen),  # the dropout case: an unrelated x_a
