@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import smoa
 from smoa.layer import padding_masks, resolve_block_ranks
+from tests.utils import seeded
 
 BACKENDS = ["reference", "torch", "triton"]
 
@@ -56,7 +57,7 @@ def test_authors_split_and_explicit_ranks():
 )
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_forward_equals_the_blockwise_spec(d_in, d_out, r, K, block_ranks, backend):
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     layer = smoa.SMoALinear(d_in, d_out, r=r, num_blocks=K, alpha=2.0, init_weights=False, block_ranks=block_ranks)
     x = torch.randn(3, d_in)
     expected = x.double() @ (layer.weight.double() + (2.0 / r) * _spec_delta(layer)).T + layer.bias.double()
@@ -67,7 +68,7 @@ def test_forward_equals_the_blockwise_spec(d_in, d_out, r, K, block_ranks, backe
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_zero_padding_gets_zero_gradient_and_stays_zero_under_adamw(backend):
-    torch.manual_seed(1)
+    torch.manual_seed(seeded(1))
     layer = smoa.SMoALinear(11, 7, r=5, num_blocks=3, init_weights=False)  # ranks (2, 2, 1): r_max = 2
     mask_A, mask_B = padding_masks(layer.block_ranks, layer.row_order, layer.col_order)
     assert int(mask_A.sum()) == 1 * 3 and int(mask_B.sum()) == 1 * 2  # block 3: |C_3| = 3, |R_3| = 2 slots padded
@@ -88,7 +89,7 @@ def test_zero_padding_gets_zero_gradient_and_stays_zero_under_adamw(backend):
 
 
 def test_block_factors_round_trip_and_refusals():
-    torch.manual_seed(2)
+    torch.manual_seed(seeded(2))
     layer = smoa.SMoALinear(10, 9, r=5, num_blocks=2, init_weights=False)  # ranks (3, 2)
     blocks = layer.block_factors()
     assert [A.shape[0] for A, _ in blocks] == [3, 2]
@@ -113,7 +114,7 @@ def test_block_factors_round_trip_and_refusals():
 
 # ---- init_weights ---------------------------------------------------------------------------------------------------
 def test_init_weights_variants():
-    torch.manual_seed(3)
+    torch.manual_seed(seeded(3))
     linear = torch.nn.Linear(64, 48)
     linear.weight.data.mul_(0.01)  # a small-weight layer, as in trained LLMs
     x = torch.randn(32, 64)
@@ -125,7 +126,7 @@ def test_init_weights_variants():
     torch.testing.assert_close(gaussian(x), base)  # B = 0: an exact no-op
     outputs = []
     for seed in (0, 1):
-        torch.manual_seed(seed)
+        torch.manual_seed(seeded(seed))
         outputs.append(smoa.SMoALinear.from_linear(linear, r=16, num_blocks=2, init_weights=False)(x).detach())
     # two random adapters differ visibly, even though W0 is small: ΔW is of W0's own magnitude
     assert (outputs[0] - outputs[1]).norm() > 0.3 * (base - linear.bias).norm()
@@ -135,7 +136,7 @@ def test_init_weights_variants():
 
 # ---- orders in files ------------------------------------------------------------------------------------------------
 def test_orders_are_saved_small_kept_int64_and_old_files_load(tmp_path):
-    torch.manual_seed(4)
+    torch.manual_seed(seeded(4))
     layer = smoa.SMoALinear(130, 300, r=4, num_blocks=2, init_weights=False)
     state = layer.state_dict()
     assert state["row_order"].dtype == torch.int16 and state["col_order"].dtype == torch.int16  # 300 > 127
@@ -157,7 +158,7 @@ peft = pytest.importorskip("peft")
 
 
 def _mlp():
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     return torch.nn.Sequential(torch.nn.Linear(13, 10), torch.nn.ReLU(), torch.nn.Linear(10, 6), torch.nn.ReLU(),
                                torch.nn.Linear(6, 4))  # fmt: skip
 

@@ -22,7 +22,7 @@ import smoa
 from smoa.hira import _ORDERS_ATTR, is_accelerated
 from smoa_kernels.merged_weight import smoa_linear_merged_weight_k1
 from smoa_kernels.reference import smoa_linear_reference
-from tests.utils import TOLERANCES
+from tests.utils import TOLERANCES, seeded
 
 
 class Net(nn.Module):
@@ -37,7 +37,7 @@ class Net(nn.Module):
 
 
 def _model(dtype, d_in=11, hidden=6, d_out=5, conv1d=False, dropout=0.0, r=3, seed=0):
-    torch.manual_seed(seed)
+    torch.manual_seed(seeded(seed))
     base = Net(d_in, hidden, d_out, conv1d).to(dtype)
     config = HiraConfig(r=r, target_modules=["lin0", "lin1"], hira_dropout=dropout, init_weights=False)
     model = get_peft_model(base, config)
@@ -51,7 +51,7 @@ def _model(dtype, d_in=11, hidden=6, d_out=5, conv1d=False, dropout=0.0, r=3, se
 def _step(model, x, seed=0):
     """Output and gradients of (x, every trainable tensor) for a fixed random cotangent; dropout seeded."""
     x = x.detach().clone().requires_grad_(True)
-    torch.manual_seed(seed)
+    torch.manual_seed(seeded(seed))
     y = model(x)
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(y, [x, *params], torch.ones_like(y) + y.detach().sin())
@@ -189,7 +189,7 @@ def test_bad_input_is_refused():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("scale", [1.0, 0.5])
 def test_merged_weight_k1_against_the_reference(dtype, scale):
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seeded(0))
     d_in, d_out, rank = 7, 4, 3  # d_out ≠ d_in
     x = torch.randn(2, 5, d_in, dtype=dtype, generator=gen, requires_grad=True)
     weight = torch.randn(d_out, d_in, dtype=dtype, generator=gen)
@@ -239,7 +239,7 @@ def test_a_trainable_base_weight_still_gets_its_gradient():
 def test_bf16_base_with_fp32_factors_matches_peft_to_bf16_rounding():
     """PEFT keeps HiRA factors in fp32 over a bf16 base (autocast_adapter_dtype): the blockwise path computes the
     adapter term in fp32 as PEFT does; the results differ by bf16 rounding of the sum only."""
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     base = Net(11, 6, 5).to(torch.bfloat16)
     model = get_peft_model(base, HiraConfig(r=3, target_modules=["lin0", "lin1"], init_weights=False))
     assert model.base_model.model.lin0.hira_A["default"].dtype == torch.float32

@@ -9,11 +9,11 @@ import torch.nn as nn
 import smoa
 from smoa import SMoALinear
 from smoa_kernels.reference import dense_delta_weight, smoa_linear_reference
-from tests.utils import assert_close
+from tests.utils import assert_close, seeded
 
 
 def make_layer(d_in=12, d_out=10, r=4, num_blocks=2, dtype=torch.float32, seed=0, **kwargs):
-    torch.manual_seed(seed)
+    torch.manual_seed(seeded(seed))
     linear = nn.Linear(d_in, d_out, dtype=dtype)
     return linear, SMoALinear.from_linear(linear, r=r, num_blocks=num_blocks, init_weights=False, **kwargs)
 
@@ -104,9 +104,9 @@ def test_dropout_only_on_adapter_path_and_identity_in_eval():
     expected_eval = reference_output(layer, x)
     assert_close(layer(x), expected_eval, scale=expected_eval.abs().max().item())  # eval: dropout is the identity
     layer.train()
-    torch.manual_seed(5)
+    torch.manual_seed(seeded(5))
     y_train = layer(x)
-    torch.manual_seed(5)
+    torch.manual_seed(seeded(5))
     x_dropped = nn.functional.dropout(x, 0.5, training=True)
     expected = smoa_linear_reference(x, x_dropped, layer.weight, layer.bias, layer.smoa_A.weight,
                                      layer.smoa_B.weight, layer.row_order, layer.col_order, 2, layer.scale)  # fmt: skip

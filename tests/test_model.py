@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 from smoa import SMoALinear, apply_smoa, merge_smoa, smoa_layers
+from tests.utils import seeded
 
 
 class Block(nn.Module):
@@ -37,7 +38,7 @@ class TinyLM(nn.Module):
 
 
 def make_model(seed=0):
-    torch.manual_seed(seed)
+    torch.manual_seed(seeded(seed))
     return TinyLM()
 
 

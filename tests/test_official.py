@@ -24,6 +24,7 @@ from transformers import AutoModel  # noqa: E402
 from smoa.cli import main  # noqa: E402
 from smoa.official import import_official  # noqa: E402
 from smoa.partition import spectral_orders  # noqa: E402
+from tests.utils import seeded  # noqa: E402
 
 # (module path in BertModel, r_k): d_out ≠ d_in for the intermediate layer; K = 5 does not divide 384 (uneven bands)
 MODULES = ("encoder.layer.0.attention.self.query", "encoder.layer.1.attention.self.value",
@@ -47,7 +48,7 @@ def official_checkpoint(model: nn.Module, K: int, rank, seed: int = 0):
     """Per-block factors ``{module: [(A_k, B_k)]}`` (non-zero B) and the authors' merged weights W0 + s·ΔW;
     ``rank``: r_k of every block, or a list of per-block ranks (uneven, as the authors' code allows)."""
     ranks = [rank] * K if isinstance(rank, int) else list(rank)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seeded(seed))
     blocks, merged = {}, {}
     for name in MODULES:
         W0 = model.get_submodule(name).weight.detach()
@@ -98,7 +99,7 @@ def base():
 
 
 def _inputs():
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seeded(1))
     return {"input_ids": torch.randint(0, 30000, (2, 9), generator=gen), "attention_mask": torch.ones(2, 9).long()}
 
 
@@ -183,7 +184,7 @@ def _tiny_base(folder, weight):
 
 
 def test_tie_groups_straddling_a_block_boundary_are_reported(tmp_path):
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seeded(0))
     weight = torch.outer(torch.ones(4), torch.randn(6, generator=gen))  # rank 1: every row and column scores 0
     _tiny_base(tmp_path / "base", weight)
     blocks = {"proj": [(torch.randn(1, 3, generator=gen), torch.randn(2, 1, generator=gen)) for _ in range(2)]}

@@ -27,6 +27,7 @@ from smoa.partition import compute_orders  # noqa: E402
 from smoa.peft import SMoAConfig, SMoAModel, lora_export_error  # noqa: E402
 from smoa.peft.layer import Linear as SMoAPeftLinear  # noqa: E402
 from smoa_kernels.reference import dense_delta_weight, smoa_linear_reference  # noqa: E402
+from tests.utils import seeded  # noqa: E402
 
 ATOL = 1e-5  # fp32, toy sizes: merge/unmerge and blockwise-vs-dense rounding
 
@@ -46,7 +47,7 @@ class Toy(nn.Module):
 
 
 def toy(seed: int = 0, **sizes) -> Toy:
-    torch.manual_seed(seed)
+    torch.manual_seed(seeded(seed))
     return Toy(**sizes)
 
 
@@ -57,7 +58,7 @@ def smoa_model(base=None, **config) -> PeftModel:
 
 @pytest.fixture
 def x():
-    return torch.randn(6, 13, generator=torch.Generator().manual_seed(1))
+    return torch.randn(6, 13, generator=torch.Generator().manual_seed(seeded(1)))
 
 
 def smoa_layers(model):
@@ -165,9 +166,9 @@ def test_dropout_acts_on_the_adapter_path_only():
     model.eval()
     torch.testing.assert_close(layer(h), expected_layer_output(layer, h), atol=ATOL, rtol=0)
     model.train()
-    torch.manual_seed(5)
+    torch.manual_seed(seeded(5))
     out = layer(h)
-    torch.manual_seed(5)
+    torch.manual_seed(seeded(5))
     h_adapter = nn.functional.dropout(h, 0.5, training=True)
     base = layer.get_base_layer()
     expected = smoa_linear_reference(
@@ -416,7 +417,7 @@ def test_lora_export_is_exact_at_full_rank_and_states_its_error_below(x, tmp_pat
 def test_gpt2_conv1d_uses_fan_in_fan_out(x):
     from transformers import GPT2Config, GPT2Model
 
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16)
     base = GPT2Model(config).eval()
     ids = torch.randint(0, 50, (2, 5))
@@ -575,7 +576,7 @@ def test_smoa_adapter_never_loads_as_lora_without_smoa(saved):
 def test_target_selection_options_follow_lora():
     from transformers import GPT2Config, GPT2Model
 
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     base = GPT2Model(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=16))
 
     def targets(**config) -> set[str]:

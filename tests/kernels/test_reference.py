@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from smoa_kernels.blocks import block_bounds, block_ids, block_sizes
 from smoa_kernels.reference import blocks_to_lora, dense_delta_weight, lora_to_blocks, smoa_linear_reference
-from tests.utils import make_problem
+from tests.utils import make_problem, seeded
 
 
 @settings(max_examples=60, deadline=None)
@@ -23,7 +23,7 @@ def test_block_sizes_match_tensor_split(n, num_blocks):
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 200), num_blocks=st.integers(1, 6), seed=st.integers(0, 1000))
 def test_block_ids_follow_tensor_split(n, num_blocks, seed):
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seeded(seed)))
     ids = block_ids(order, num_blocks)
     for k, chunk in enumerate(torch.tensor_split(order, num_blocks)):
         assert bool((ids[chunk] == k).all())
@@ -55,7 +55,10 @@ def test_ones_anchor_identity_order_is_block_diagonal_mini_loras(d_out, d_in, nu
     expected = torch.block_diag(*[B_k @ A_k for A_k, B_k in zip(A_blocks, B_blocks)])
     ones = torch.ones(d_out, d_in, dtype=torch.float64)
     actual = dense_delta_weight(ones, p["lora_A"], p["lora_B"], rows, cols, num_blocks)
-    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-14)
+    # two sums of r_k = 2 products, in whatever order each matmul takes: within γ_2 of Σ|B_k||A_k|, entry by entry
+    magnitude = torch.block_diag(*[B_k.abs() @ A_k.abs() for A_k, B_k in zip(A_blocks, B_blocks)])
+    assert bool(((actual - expected).abs() <= 4 * torch.finfo(torch.float64).eps * magnitude).all())
+    assert bool((actual[magnitude == 0] == 0).all())  # off the diagonal blocks: exactly zero, by construction
 
 
 @pytest.mark.parametrize("d_out, d_in, num_blocks", [(8, 8, 2), (9, 7, 3), (5, 11, 4), (6, 6, 1)])
@@ -90,5 +93,10 @@ def test_reference_adapter_in_factor_dtype_and_output_in_input_dtype():
     delta = dense_delta_weight(p["weight"].double(), p["lora_A"].double(), p["lora_B"].double(), p["row_order"],
                                p["col_order"], 2)  # fmt: skip
     adapter = p["scale"] * p["x"].double() @ delta.T
-    base = torch.nn.functional.linear(p["x"], p["weight"], p["bias"])
-    torch.testing.assert_close((y - base).double(), adapter, atol=0.05, rtol=0.02)
+    base = torch.nn.functional.linear(p["x"], p["weight"], p["bias"])  # the reference's own base term, same op
+    # y = bf16(base + bf16(adapter)): two bf16 roundings, each within 2⁻⁸ of what the operands can reach (plus the
+    # fp32 adapter's own rounding, far below); bounded by |base| + |adapter|, not by a computed value that may be ~0
+    magnitude = float((base.double().abs() + adapter.abs()).max())
+    bound = 2 * 2.0**-8 * magnitude
+    assert bound < 0.25 * float(adapter.abs().max())  # a halved adapter fails the check below
+    assert float(((y.double() - base.double()) - adapter).abs().max()) <= bound

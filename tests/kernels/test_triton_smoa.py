@@ -24,6 +24,7 @@ from smoa_kernels.reference import smoa_linear_reference  # noqa: E402
 from smoa_kernels.triton import blocked as triton_blocked  # noqa: E402
 from smoa_kernels.triton import configs as triton_configs  # noqa: E402
 from smoa_kernels.triton import default_config, is_available, smoa_linear_triton  # noqa: E402
+from tests.utils import seeded  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -94,7 +95,7 @@ def _interpreter_on_cpu():
 
 
 def _make_inputs(lead, d_out, d_in, K, r_k, dropout, bias, layout, dtype, factor_dtype, seed=0):
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seeded(seed))
     n_total = 1
     for size in lead:
         n_total *= size
@@ -159,8 +160,28 @@ def _run(fn, problem, dtype=None, device=DEVICE, **kwargs):
     return {"y": y.detach(), **{name: leaf.grad for name, leaf in leaves.items()}}
 
 
-def _assert_matches(actual: dict, expected: dict, tol: float) -> None:
+def _absolute(problem: dict) -> dict:
+    """The problem with every operand replaced by its absolute value: y = x W0ᵀ + b + s·x_a ΔWᵀ and its gradients are
+    sums of products with non-negative coefficients, so the reference on these inputs gives, entry by entry, the sum
+    of the absolute values of every term — the most any summation order can pass through (its partial sums)."""
+    return {k: v.abs() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in problem.items()}
+
+
+def _summation_terms(problem: dict) -> int:
+    """The longest chain of sums behind any result (tokens, d_out, d_in, K·r_k): γ_n's n for fp32 accumulation."""
+    return (
+        problem["x"].shape[:-1].numel()
+        + sum(problem["weight"].shape)
+        + problem["num_blocks"] * problem["lora_A"].shape[0]
+    )
+
+
+def _assert_matches(actual: dict, expected: dict, tol: float, problem: dict | None = None) -> None:
+    """Each result within ``tol·max|expected|`` (the rounding of inputs and outputs to the dtype, relative to the
+    result) plus, given ``problem``, ``n·2⁻²⁴·max M`` for fp32 accumulation in any order: M the results of the
+    absolute-valued problem (:func:`_absolute`), n the longest chain of sums (tokens + d_out + d_in + K·r_k)."""
     assert set(actual) == set(expected)
+    magnitudes = {} if problem is None else _run(smoa_linear_reference, _absolute(problem), torch.float64, "cpu")
     for name, want in expected.items():
         got = actual[name]
         assert got is not None, f"no gradient for {name}"
@@ -169,7 +190,10 @@ def _assert_matches(actual: dict, expected: dict, tol: float) -> None:
             continue
         error = (got.double().cpu() - want.cpu()).abs().max().item()
         magnitude = want.abs().max().item()
-        assert error <= tol * max(magnitude, 1e-6), f"{name}: max error {error:.3e} > {tol:.1e} × {magnitude:.3e}"
+        bound = tol * max(magnitude, 1e-6)
+        if name in magnitudes:
+            bound += _summation_terms(problem) * 2.0**-24 * magnitudes[name].max().item()
+        assert error <= bound, f"{name}: max error {error:.3e} > {bound:.3e} ({tol:.1e} × {magnitude:.3e} + sums)"
 
 
 def test_is_available_under_the_interpreter():
@@ -184,7 +208,7 @@ def test_forward_and_grads_match_reference(lead, d_out, d_in, K, r_k, dropout, b
     expected = _run(smoa_linear_reference, problem, dtype=torch.float64, device="cpu")
     actual = _run(smoa_linear_triton, problem, path=path)
     assert actual["y"].dtype == dtype and actual["x"].dtype == dtype and actual["lora_A"].dtype == factor_dtype
-    _assert_matches(actual, expected, TOLERANCES[(dtype, factor_dtype)])
+    _assert_matches(actual, expected, TOLERANCES[(dtype, factor_dtype)], problem)
 
 
 # "auto" on a few shapes (at these sizes the cost model picks "fused"; the dispatch test below forces both choices)
@@ -192,7 +216,8 @@ def test_forward_and_grads_match_reference(lead, d_out, d_in, K, r_k, dropout, b
 def test_auto_path_matches_reference(lead, d_out, d_in, K, r_k, dropout, bias, layout):
     problem = _make_inputs(lead, d_out, d_in, K, r_k, dropout, bias, layout, torch.float32, torch.float32)
     expected = _run(smoa_linear_reference, problem, dtype=torch.float64, device="cpu")
-    _assert_matches(_run(smoa_linear_triton, problem, path="auto"), expected, TOLERANCES[(torch.float32,) * 2])
+    _assert_matches(_run(smoa_linear_triton, problem, path="auto"), expected, TOLERANCES[(torch.float32,) * 2],
+                    problem)  # fmt: skip
 
 
 # Relative error of the adapter term against its own magnitude: ΔW_k and the adapter product are rounded to the
@@ -200,13 +225,16 @@ def test_auto_path_matches_reference(lead, d_out, d_in, K, r_k, dropout, bias, l
 ADAPTER_TOLERANCES = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
-def _adapter_term_ok(y, base, expected_adapter, dtype) -> tuple[bool, float, float]:
+def _adapter_term_ok(y, base, expected_adapter, dtype, problem) -> tuple[bool, float, float]:
     """``(ok, error, bound)`` for the adapter term ``y − (x W0ᵀ + b)`` against the fp64 reference's. The bound is
     derived from the adapter's own magnitude plus the unavoidable rounding of y to the activation dtype (half an
-    ulp of |y|, twice: the adapter + bias rounded, then the sum) — not from the base term's magnitude."""
+    ulp of |y|, twice: the adapter + bias rounded, then the sum) and the fp32 accumulation of the base and adapter dots
+    in any order (n·2⁻²⁴ of |x||W0|ᵀ + |b| + s·|x_a||ΔW|ᵀ, :func:`_assert_matches`) — not from the base term's size."""
     error = (y - base - expected_adapter).abs().max().item()
     rounding_y = 2 * torch.finfo(dtype).eps * y.abs().max().item()
-    bound = ADAPTER_TOLERANCES[dtype] * expected_adapter.abs().max().item() + rounding_y
+    magnitude = _run(smoa_linear_reference, _absolute(problem), torch.float64, "cpu")["y"].max().item()
+    summed = _summation_terms(problem) * 2.0**-24 * magnitude
+    bound = ADAPTER_TOLERANCES[dtype] * expected_adapter.abs().max().item() + rounding_y + summed
     return error <= bound, error, bound
 
 
@@ -222,14 +250,14 @@ def test_adapter_term_alone_matches_reference(dtype, factor_dtype, path, dropout
     base = torch.nn.functional.linear(x.double(), weight.double(), bias.double())
     expected_adapter = _run(smoa_linear_reference, problem, dtype=torch.float64, device="cpu")["y"] - base
     y = _run(smoa_linear_triton, problem, path=path)["y"].double().cpu()
-    ok, error, bound = _adapter_term_ok(y, base, expected_adapter, dtype)
+    ok, error, bound = _adapter_term_ok(y, base, expected_adapter, dtype, problem)
     assert ok, f"adapter term error {error:.3e} > bound {bound:.3e}"
     # the bound is tight enough to see a wrong adapter: half of it, or none (base alone rounded to the dtype)
     assert bound < 0.25 * expected_adapter.abs().max().item()
     halved = y - 0.5 * (y - base)
     dropped = base.to(dtype).double()
-    assert not _adapter_term_ok(halved, base, expected_adapter, dtype)[0], "a halved adapter would pass"
-    assert not _adapter_term_ok(dropped, base, expected_adapter, dtype)[0], "a dropped adapter would pass"
+    assert not _adapter_term_ok(halved, base, expected_adapter, dtype, problem)[0], "a halved adapter would pass"
+    assert not _adapter_term_ok(dropped, base, expected_adapter, dtype, problem)[0], "a dropped adapter would pass"
 
 
 @pytest.mark.parametrize("dtype, factor_dtype", DTYPES[:2], ids=lambda d: str(d).replace("torch.", ""))
@@ -243,7 +271,7 @@ def test_adapter_term_check_catches_a_kernel_that_halves_the_adapter(monkeypatch
     real = triton_blocked.delta_blocks
     monkeypatch.setattr(triton_blocked, "delta_blocks", lambda w, a, b, o, k, scale: real(w, a, b, o, k, scale / 2))
     y = _run(smoa_linear_triton, problem, path="blocked")["y"].double().cpu()
-    assert not _adapter_term_ok(y, base, expected_adapter, dtype)[0]
+    assert not _adapter_term_ok(y, base, expected_adapter, dtype, problem)[0]
 
 
 def test_merged_weight_fast_path_matches_reference():
@@ -252,7 +280,7 @@ def test_merged_weight_fast_path_matches_reference():
     expected = _run(smoa_linear_reference, problem, dtype=torch.float64, device="cpu")
     for path in ("auto", "fused"):
         actual = _run(smoa_linear_triton, problem, merged_weight=True, path=path)
-        _assert_matches(actual, expected, TOLERANCES[(torch.float32, torch.float32)])
+        _assert_matches(actual, expected, TOLERANCES[(torch.float32, torch.float32)], problem)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -309,7 +337,7 @@ def test_frozen_factors_still_give_the_input_gradient(path):
                            problem["col_order"].to(DEVICE), 2, 0.5, path=path)  # fmt: skip
     y.backward(problem["grad_out"].to(DEVICE))
     _assert_matches({"y": y.detach(), "x": x.grad}, {"y": expected["y"], "x": expected["x"]},
-                    TOLERANCES[(torch.float32, torch.float32)])  # fmt: skip
+                    TOLERANCES[(torch.float32, torch.float32)], problem)  # fmt: skip
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -384,7 +412,7 @@ def test_torch_compile_traces_through_in_one_graph(path):
     expected = _run(smoa_linear_reference, problem, dtype=torch.float64, device="cpu")
     compiled = torch.compile(smoa_linear_triton, backend=COMPILE_BACKEND, fullgraph=True)
     actual = _run(compiled, problem, path=path)
-    _assert_matches(actual, expected, TOLERANCES[(torch.float32, torch.float32)])
+    _assert_matches(actual, expected, TOLERANCES[(torch.float32, torch.float32)], problem)
 
 
 @pytest.mark.parametrize("choice", PATHS)
@@ -402,7 +430,7 @@ def test_auto_asks_the_cost_model_per_call_with_the_token_count(monkeypatch, cho
     problem = _make_inputs((3, 7), 30, 26, 2, 4, True, True, "contiguous", torch.float32, torch.float32)
     expected = _run(smoa_linear_reference, problem, dtype=torch.float64, device="cpu")
     actual = _run(smoa_linear_triton, problem, path="auto")
-    _assert_matches(actual, expected, TOLERANCES[(torch.float32, torch.float32)])
+    _assert_matches(actual, expected, TOLERANCES[(torch.float32, torch.float32)], problem)
     assert calls and all(args[:4] == (21, 30, 26, 2) for args in calls), calls  # forward and backward: N = 3·7
     forward_kernels = {"fused": {"gemm"}, "blocked": {"delta_blocks", "scatter"}}[choice]
     other = {"fused": {"scatter"}, "blocked": {"gemm"}}[choice]  # (both gather the anchors for the factor gradient)
@@ -453,7 +481,7 @@ def test_tf32_follows_allow_tf32(monkeypatch, path):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     problem = _make_inputs((300,), 256, 200, 2, 16, True, True, "contiguous", torch.float32, torch.float32)
     expected = _run(smoa_linear_reference, problem, dtype=torch.float64, device="cpu")
-    _assert_matches(_run(smoa_linear_triton, problem, path=path), expected, TF32_TOLERANCE)
+    _assert_matches(_run(smoa_linear_triton, problem, path=path), expected, TF32_TOLERANCE, problem)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="autocast of CUDA tensors needs a GPU")
@@ -465,7 +493,7 @@ def test_autocast_runs_in_the_autocast_dtype(path):
     assert actual["y"].dtype == torch.bfloat16 and actual["lora_A"].dtype == torch.float32
     expected = _run(smoa_linear_reference, problem, dtype=torch.float64, device="cpu")
     _assert_matches({k: v for k, v in actual.items() if k != "x"}, {k: v for k, v in expected.items() if k != "x"},
-                    TOLERANCES[(torch.bfloat16, torch.float32)])  # fmt: skip
+                    TOLERANCES[(torch.bfloat16, torch.float32)], problem)  # fmt: skip
 
 
 @pytest.mark.skipif(
@@ -491,7 +519,8 @@ def test_int64_offsets_beyond_two_gigaelements(path):
     y.backward(grad_out)
     expected = _run(smoa_linear_reference, problem, dtype=torch.float64, device="cpu")
     tol = TOLERANCES[(torch.bfloat16, torch.float32)]
-    _assert_matches({"y": y.detach()[-64:], "x": x.grad[-64:]}, {"y": expected["y"], "x": expected["x"]}, tol)
+    _assert_matches({"y": y.detach()[-64:], "x": x.grad[-64:]}, {"y": expected["y"], "x": expected["x"]}, tol,
+                    problem)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------------
