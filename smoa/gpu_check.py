@@ -38,7 +38,18 @@ SMOKE = {"dtype": "float32", "shapes": ((64, 48),), "tokens": (16, 32), "ranks":
 BASE_PROVIDERS = ("frozen", "lora-eq", "hira", "reference", "smoa-torch")
 MODES = ("full", "inference")
 MISS_THRESHOLD = 0.30  # |measured / model − 1| above this flags the row
-TEST_TIMEOUT_S = 300
+# Phase budgets (seconds), so that one slow phase cannot eat the others and the whole check fits 8 minutes on an H100
+# from a cold Triton cache. The test phase JIT-compiles every kernel specialisation the tests launch: the compile gate
+# compiles 106 specialisations × configs per arch (tools/kernel_report.py: 212 compiles for sm_80 + sm_90 in 48 s of
+# 2 CPU cores here with a warm ptxas cache, 299 s cold and loaded); the tests reach more variants (dtypes, odd shapes:
+# the ≥ 258 cold compiles counted before) and run them one process, one compile at a time. The phase sets
+# SMOA_TRITON_AUTOTUNE=0 (one config per launch, as under the interpreter and deterministic mode: every shipped config
+# is compile-gated, and test_every_shipped_config_is_correct forces each one), which removes the autotuner's extra
+# compiles and benchmark runs; at ≈ 1 s per cold compile (an estimate for a 16-core host) 260 compiles take ≈ 4.5
+# minutes, hence 300 s. Then the training check (SmolLM2 load ≈ 15 s, two backends × 3 steps), the profile (2 K ×
+# 3 steps of the canonical layer) and the canonical bench (≈ 1 minute of timed calls).
+PHASE_BUDGET_S = {"tests": 300, "training": 75, "profile": 45}
+TEST_TIMEOUT_S = PHASE_BUDGET_S["tests"]
 
 
 def _providers() -> tuple[str, ...]:
@@ -84,25 +95,66 @@ def _tests_dir() -> Path | None:
     return None
 
 
+def _failures(output: str) -> list[str]:
+    """Every ``FAILED``/``ERROR`` line of pytest's short summary (``-rfE``)."""
+    return [line.strip() for line in output.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+
+
 def run_tests(smoke: bool, log) -> dict:
-    """pytest on the kernel tests (``--smoke``: collect only). Returns rc, the summary line and seconds."""
+    """pytest on the kernel tests, every failure reported (no ``-x``: one failure must not hide the GPU-only tests
+    after it); ``--smoke``: collect only. Returns rc, the summary line, every failure and seconds."""
     where = _tests_dir()
     if where is None:
-        return {"rc": None, "summary": "tests/kernels not found (installed without the source tree): skipped"}
-    cmd = [sys.executable, "-m", "pytest", str(where), "-q", "-p", "no:cacheprovider"]
-    cmd += ["--collect-only"] if smoke else ["-x"]
+        return {"rc": None, "summary": "tests/kernels not found (installed without the source tree): skipped",
+                "failures": []}  # fmt: skip
+    cmd = [sys.executable, "-m", "pytest", str(where), "-q", "-p", "no:cacheprovider", "-rfE"]
+    cmd += ["--collect-only"] if smoke else []
     log(f"smoa gpu-check: {' '.join(cmd[2:])}")
+    start = time.time()
+    # deterministic cuBLAS needs its workspace set before the process starts (test_deterministic_on_gpu); one config
+    # per launch keeps the cold compiles within the phase budget (see PHASE_BUDGET_S)
+    env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8", **os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "SMOA_TRITON_AUTOTUNE": "0"}  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            cwd=where.parents[1])  # fmt: skip
+    try:
+        output, _ = proc.communicate(timeout=TEST_TIMEOUT_S)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+        timed_out = True
+    lines = [line for line in (output or "").strip().splitlines() if line.strip()]
+    failures = _failures(output or "")
+    if timed_out:
+        return {"rc": "timeout", "summary": f"timed out after {TEST_TIMEOUT_S} s ({len(failures)} failures so far)",
+                "seconds": TEST_TIMEOUT_S, "failures": failures, "tail": "\n".join(lines[-30:])}  # fmt: skip
+    summary = lines[-1].strip("= ") if lines else ""
+    return {"rc": proc.returncode, "summary": summary, "seconds": round(time.time() - start, 1),
+            "failures": failures, "tail": "\n".join(lines[-30:])}  # fmt: skip
+
+
+def run_phase(name: str, call: str, out_dir: Path, smoke: bool, log) -> dict:
+    """One phase of :mod:`smoa.gpu_check_train` (``call``: its function name) in a subprocess with the phase's
+    budget: a phase that fails or times out is reported as such, and the later phases still run."""
+    result_file = out_dir / f"{name}.json"
+    cmd = [sys.executable, "-m", "smoa.gpu_check_train", call, str(out_dir), str(result_file)]
+    cmd += ["--smoke"] if smoke else []
+    budget = PHASE_BUDGET_S[name]
+    log(f"smoa gpu-check: {name} phase (budget {budget} s)")
     start = time.time()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TEST_TIMEOUT_S, env=env,
-                              cwd=where.parents[1])  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=budget, env=env)
     except subprocess.TimeoutExpired:
-        return {"rc": "timeout", "summary": f"timed out after {TEST_TIMEOUT_S} s", "seconds": TEST_TIMEOUT_S}
-    lines = [line for line in proc.stdout.strip().splitlines() if line.strip()]
-    summary = lines[-1].strip("= ") if lines else proc.stderr.strip()[-200:]
-    return {"rc": proc.returncode, "summary": summary, "seconds": round(time.time() - start, 1),
-            "tail": "\n".join(lines[-30:])}  # fmt: skip
+        return {"ok": False, "status": f"timed out after {budget} s", "seconds": budget}
+    seconds = round(time.time() - start, 1)
+    if proc.returncode != 0 or not result_file.exists():
+        return {"ok": False, "status": f"failed (rc {proc.returncode}): {proc.stderr.strip()[-300:]}",
+                "seconds": seconds}  # fmt: skip
+    data = json.loads(result_file.read_text())
+    ok = data.get("ok", True) if isinstance(data, dict) else True
+    return {"ok": ok, "status": "ok" if ok else "outside its bounds", "seconds": seconds, "result": data}
 
 
 def _method(provider: str, variant: str, mode: str, n: int, d_out: int, d_in: int, k: int, gpu: str) -> str | None:
@@ -153,14 +205,33 @@ def _row(rows, provider, mode, n, k):
                  and not r.get("variant") and r["status"] == "ok"), None)  # fmt: skip
 
 
-def summary_lines(env: dict, tests: dict, rows: list[dict], comparison: list[dict], out_dir: Path, smoke: bool) -> list:
-    """The 10-line summary."""
+def summary_lines(env: dict, tests: dict, rows: list[dict], comparison: list[dict], out_dir: Path, smoke: bool,
+                  phases: dict | None = None) -> list:  # fmt: skip
+    """The summary (at most 12 lines)."""
     device = env["gpu"] or "CPU (--smoke: plumbing only, the times are not GPU figures)"
     lines = [
         f"smoa gpu-check: {device}, driver {env.get('driver', '-')}, CUDA {env['cuda']}, torch {env['torch']}, "
         f"triton {env['triton']}, smoa {env['smoa']} ({env['date_utc']})",
-        f"tests: {tests['summary']} (rc {tests['rc']}{', collect only' if smoke else ''})",
+        f"tests: {tests['summary']} (rc {tests['rc']}{', collect only' if smoke else ''})"
+        + (
+            f"; failed: {', '.join(f.split()[1].split('::')[-1] for f in tests.get('failures', [])[:4])}"
+            + (" ..." if len(tests.get("failures", [])) > 4 else "")
+            if tests.get("failures")
+            else ""
+        ),
     ]
+    for name, phase in (phases or {}).items():
+        detail = ""
+        result = phase.get("result") or {}
+        if name == "training" and result:
+            r = result
+            detail = (f": {r['model']}, {r['backend']} vs reference, loss error {r['loss_rel_error']:.1e} "
+                      f"(≤ {r['loss_bound']:g}), gradients ≤ {r['grad_rel_error_max']:.1e} (≤ {r['grad_bound']:g}); "
+                      f"cold step {r['cold_step_s']:.2f} s, warm {r['warm_step_s'] or 0:.3f} s")  # fmt: skip
+        elif name == "profile" and result:
+            detail = ": " + ", ".join(f"{k} measured {v['measured_us']:.0f} µs / model {v['model_us']:.0f} µs"
+                                      for k, v in result.items())  # fmt: skip
+        lines.append(f"{name}: {phase['status']} ({phase['seconds']} s){detail}")
     ok = sum(r["status"] == "ok" for r in rows)
     skipped = sorted({r["provider"] for r in rows if r["status"].startswith("skipped")})
     bad = [r for r in rows if r["status"] != "ok" and not r["status"].startswith("skipped")]
@@ -194,7 +265,7 @@ def summary_lines(env: dict, tests: dict, rows: list[dict], comparison: list[dic
     else:
         lines.append("model: no measured row to compare")
     lines.append(f"files: {out_dir}")
-    return lines[:10]
+    return lines[:11] + lines[-1:] if len(lines) > 12 else lines
 
 
 def run_gpu_check(smoke: bool = False, output_dir: str | Path | None = None, run_the_tests: bool = True,
@@ -222,7 +293,10 @@ def run_gpu_check(smoke: bool = False, output_dir: str | Path | None = None, run
                 output_dir = output_dir.with_name(f"{output_dir.name}-{env['date_utc'][11:19].replace(':', '')}")
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tests = run_tests(smoke, log) if run_the_tests else {"rc": None, "summary": "not run (--skip-tests)"}
+    tests = run_tests(smoke, log) if run_the_tests else {"rc": None, "summary": "not run (--skip-tests)",
+                                                          "failures": []}  # fmt: skip
+    phases = {name: run_phase(name, call, out_dir, smoke, log)
+              for name, call in (("training", "training_check"), ("profile", "profile_step"))}  # fmt: skip
     grid = SMOKE if smoke else CANONICAL
     config = BenchConfig(device="cpu" if smoke else "cuda", providers=_providers(), modes=MODES,
                          output_dir=out_dir, threads=1 if smoke else None, **grid)  # fmt: skip
@@ -231,19 +305,20 @@ def run_gpu_check(smoke: bool = False, output_dir: str | Path | None = None, run
     rows = [{k: v for k, v in row.items()} for row in result.rows]
     gpu_class = cost_model.gpu_class_for(env["gpu"] or "h100")
     comparison = model_comparison(rows, gpu_class)
-    lines = summary_lines(env, tests, rows, comparison, out_dir, smoke)
+    lines = summary_lines(env, tests, rows, comparison, out_dir, smoke, phases)
     data = {
         "kind": "cpu-smoke (plumbing only: not GPU figures)" if smoke else "measured on the GPU named below",
         "environment": env, "cost_model_gpu_class": gpu_class, "tests": tests,
         "bench_command": config.resolve().command(),
-        "bench_rows": rows, "model_comparison": comparison, "summary": lines,
+        "phases": phases, "bench_rows": rows, "model_comparison": comparison, "summary": lines,
         "csv": str(result.csv_path) if result.csv_path else None, "plots": [str(p) for p in result.plots],
         "seconds": round(time.time() - start, 1),
     }  # fmt: skip
     (out_dir / "gpu_check.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
     (out_dir / "summary.txt").write_text("\n".join(lines) + "\n")
     data["lines"] = lines
-    data["failed"] = bool(result.failed) or tests["rc"] not in (0, None)
+    data["failed"] = (bool(result.failed) or tests["rc"] not in (0, None)
+                      or not all(phase["ok"] for phase in phases.values()))  # fmt: skip
     return data
 
 
