@@ -312,18 +312,18 @@ class SMoALayer(BaseTunerLayer):
             check_partition_info(keys["info"], state_dict[keys["info"]], self.num_blocks[adapter_name],
                                  self.r[adapter_name], self.out_features, self.in_features)  # fmt: skip
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+    def _check_state_dict(self, state_dict, prefix: str) -> None:
+        """Raise naming the key for anything in ``state_dict`` (under ``prefix``) that this layer cannot load exactly,
+        for every adapter; nothing is written to the layer (integer orders are replaced by int64 copies in the dict).
+        Also run by the load pre-hook of the whole model (``smoa.model.guard_loads``) before torch copies anything."""
         base_key = f"{prefix}base_layer.weight"
         if self.merged and base_key in state_dict:
-            raise RuntimeError(f"{prefix or 'this layer'} is merged: unmerge before loading {base_key}")
-        loaded = {}
+            raise RuntimeError(
+                f"{prefix or 'this layer'} is merged (adapters {self.merged_adapters}): loading {base_key} into a "
+                "merged weight could not be undone; call unmerge_adapter() first"
+            )
         for adapter_name in list(self.smoa_A.keys()):
             self._check_adapter_state(state_dict, prefix, adapter_name)
-            loaded[adapter_name] = (
-                f"{prefix}smoa_row_order.{adapter_name}" in state_dict,
-                f"{prefix}smoa_A.{adapter_name}.weight" in state_dict,
-                f"{prefix}smoa_partition_info.{adapter_name}" in state_dict,
-            )
             rows_key, cols_key = f"{prefix}smoa_row_order.{adapter_name}", f"{prefix}smoa_col_order.{adapter_name}"
             if rows_key in state_dict and cols_key in state_dict:  # uneven block ranks: the padding must be zero
                 check_zero_padding(
@@ -335,6 +335,17 @@ class SMoALayer(BaseTunerLayer):
                     state_dict[rows_key],
                     state_dict[cols_key],
                 )
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        self._check_state_dict(state_dict, prefix)
+        loaded = {
+            adapter_name: (
+                f"{prefix}smoa_row_order.{adapter_name}" in state_dict,
+                f"{prefix}smoa_A.{adapter_name}.weight" in state_dict,
+                f"{prefix}smoa_partition_info.{adapter_name}" in state_dict,
+            )
+            for adapter_name in self.smoa_A
+        }
         nn.Module._load_from_state_dict(
             self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
         )
