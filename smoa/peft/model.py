@@ -21,6 +21,7 @@ import copy
 import functools
 import json
 import os
+import warnings
 from functools import partial
 
 import torch
@@ -152,6 +153,57 @@ class SMoAModel(BaseTuner):
         for name, module in new_module.named_modules():
             if self.prefix in name and not any(p.device == meta for p in module.parameters()):
                 module.to(child.weight.device)
+
+    # ---- merging: every layer or none -------------------------------------------------------------------------
+    def _merge_every_layer(self, adapter_names, safe_merge: bool) -> None:
+        """Merge ``adapter_names`` into every tuner layer, or into none: when a layer refuses (``safe_merge=True`` and
+        NaN/Inf, no orders, ...), the layers merged before it are unmerged (bit for bit for SMoA layers over a float
+        base; a quantized base gets its former quantized weight back) and the error names the layer."""
+        from peft.tuners.tuners_utils import onload_layer
+
+        layers = [(name, module) for name, module in self.model.named_modules() if isinstance(module, BaseTunerLayer)]
+        snapshot = ModelSnapshot(*(module for _, module in layers))  # merged_adapters, records, replaced weights
+        done = []
+        try:
+            for name, layer in layers:
+                weight = getattr(layer.get_base_layer(), "weight", None)
+                in_place = isinstance(weight, torch.Tensor) and weight.is_floating_point()
+                previous = weight.detach().clone() if layer.merged and in_place else None
+                was_merged = layer.merged
+                try:
+                    with onload_layer(layer):
+                        layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+                except Exception as error:
+                    merged = f"the {len(done)} layers merged before it were unmerged" if done else "it was the first"
+                    raise type(error)(f"{error} [layer {name!r}; no layer was merged: {merged}]") from error
+                done.append((layer, was_merged, previous, weight if in_place else None))
+        except Exception:
+            for layer, was_merged, previous, weight in reversed(done):
+                if weight is None:  # a quantized base: the merge replaced the weight, the snapshot gives it back
+                    continue
+                if not was_merged and layer.merged:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        layer.unmerge()
+                elif previous is not None:
+                    with torch.no_grad():
+                        weight.copy_(previous)
+            snapshot.restore(check_writes=False)
+            raise
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """PEFT's ``merge_adapter``, all or nothing: a layer that refuses leaves every layer unmerged as before."""
+        self._check_merge_allowed()
+        self._merge_every_layer(adapter_names, safe_merge)
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        # merge_and_unload: every layer is merged first (all or nothing), and only then does PEFT unload them
+        if merge:
+            self._check_merge_allowed()
+            self._merge_every_layer(adapter_names, safe_merge)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="All adapters are already merged")
+            return super()._unload_and_optionally_merge(merge, progressbar, safe_merge, adapter_names)
 
     # ---- mixed-adapter batches (LoRA's protocol: adapter_names is injected into every SMoA layer's forward) -------
     @contextlib.contextmanager
