@@ -401,6 +401,71 @@ def check_zero_padding(state_dict, prefix, block_ranks, key_A, key_B, row_order,
                 )
 
 
+# ---- the adapter term that is zero by construction: the output is then the base layer's, bit for bit -------------
+# With a non-finite input (an fp16 overflow, an inf in a batch) the adapter term s·x ΔWᵀ is 0·inf = NaN wherever the
+# arithmetic runs, even when ΔW is zero by construction; nn.Linear gives inf there. So where the term is known to be
+# exactly zero — B = 0 (the init, tracked by the factor's version counter: no host sync) or an r_k = 0 block (its
+# output rows R_k) — the layer returns the base layer's output there, and a non-finite input elsewhere propagates as
+# it does through nn.Linear (and LoRA). The gradient is the adapter's (the factors train from B = 0 as before).
+class _ValueWithGradientOf(torch.autograd.Function):
+    """``value`` in the forward, the gradient of ``gradient_of`` in the backward (equal in exact arithmetic)."""
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, gradient_of: torch.Tensor) -> torch.Tensor:
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None, grad
+
+
+def value_with_gradient_of(value: torch.Tensor, gradient_of: torch.Tensor) -> torch.Tensor:
+    """``value`` (e.g. the base output, when the adapter term is zero by construction) carrying the gradient of
+    ``gradient_of`` (the full adapter forward, which the factors need to train); ``gradient_of`` when they differ
+    in shape or dtype."""
+    if value.shape != gradient_of.shape or value.dtype != gradient_of.dtype:
+        return gradient_of
+    return _ValueWithGradientOf.apply(value.detach(), gradient_of)
+
+
+def zero_rank_rows(block_ranks, row_order: torch.Tensor) -> torch.Tensor | None:
+    """Bool (d_out,): True at the output rows R_k of the blocks with r_k = 0 (their adapter term is zero by
+    construction), or ``None`` when every block has a rank."""
+    if 0 not in block_ranks:
+        return None
+    mask = torch.zeros(row_order.numel(), dtype=torch.bool, device=row_order.device)
+    for R_k, r_k in zip(torch.tensor_split(row_order, len(block_ranks)), block_ranks):
+        if r_k == 0:
+            mask[R_k.long()] = True
+    return mask
+
+
+def version_stamp(tensor: torch.Tensor) -> tuple:
+    """What identifies ``tensor``'s current values without reading them: the object, its version, its storage."""
+    return (tensor, tensor._version, tensor.data_ptr())
+
+
+def known_zero(stamp, tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` (a factor B) is still the zero tensor recorded in ``stamp`` (:func:`version_stamp`).
+
+    The stamp (no device work) rules out every write through autograd-visible ops, a load and a ``.data`` swap; a
+    write through ``tensor.data`` bypasses the version counter, so a holding stamp is confirmed by reading B (one
+    small host sync, only while B is believed zero: once B has been written, the stamp no longer holds and nothing is
+    read). Never under ``torch.compile`` or CUDA-graph capture."""
+    if stamp is None or torch.compiler.is_compiling():
+        return False
+    if not (stamp[0] is tensor and stamp[1] == tensor._version and stamp[2] == tensor.data_ptr()):
+        return False
+    if tensor.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    return not bool(tensor.detach().any())
+
+
+def base_output_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``F.linear(x, W0, b)`` is the base layer's own output for ``x`` (same dtype, or autocast)."""
+    return x.dtype == weight.dtype or torch.is_autocast_enabled(x.device.type)
+
+
 class SMoALinear(nn.Module):
     """A frozen linear layer ``y = x W0ᵀ + b`` plus the SMoA update ``s · dropout(x) ΔWᵀ`` (SPEC §2).
 
@@ -527,6 +592,7 @@ class SMoALinear(nn.Module):
         self.merged = False
         self._merge_record: MergeRecord | None = None  # what the current merge wrote (bit-exact unmerge)
         self._merge_token = uuid.uuid4().hex  # marks the shared W0 Parameter while this layer has merged into it
+        self._zero_B_stamp = None  # set while B is known to be zero (see _B_known_zero)
         if not weight.is_meta:
             self._stamp_orders()
             self.reset_smoa_parameters(init_weights)
@@ -577,7 +643,11 @@ class SMoALinear(nn.Module):
         row, col, info = self.row_order, self.col_order, self.partition_info
         known = None if row.is_meta else (row.detach().cpu().clone(), col.detach().cpu().clone())
         info_values = None if info.is_meta else info.detach().cpu().clone()
+        zero_B = self._B_known_zero()
         result = super()._apply(fn, recurse)
+        B = self.smoa_B.weight
+        # a cast or move keeps B = 0; to_empty() does not: re-stamp only a B that is still zero
+        self._zero_B_stamp = version_stamp(B) if zero_B and not B.is_meta and not bool(B.any()) else None
         if self.row_order is not row or self.col_order is not col:
             if known is None:
                 self.row_order.fill_(-1)
@@ -623,6 +693,16 @@ class SMoALinear(nn.Module):
         ``B`` too, strong enough that ΔW is of W0's own magnitude."""
         sizes = [(B_k.shape[0], A_k.shape[1]) for A_k, B_k in self.block_factors()]
         self.load_block_factors(init_block_factors(sizes, self.block_ranks, init_weights, self.smoa_A.weight.device))
+        self._zero_B_stamp = version_stamp(self.smoa_B.weight) if init_weights is not False else None
+
+    def _B_known_zero(self) -> bool:
+        """B = 0 and nothing wrote to it since (see :func:`known_zero`); a stamp found wrong is dropped."""
+        stamp = self.__dict__.get("_zero_B_stamp")
+        if known_zero(stamp, self.smoa_B.weight):
+            return True
+        if stamp is not None and not torch.compiler.is_compiling():
+            self._zero_B_stamp = None
+        return False
 
     # ---- the official per-block layout -------------------------------------------------------------------------
     def block_factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -663,7 +743,12 @@ class SMoALinear(nn.Module):
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         self._check_orders()
-        return smoa_linear(
+        zero_B = self._B_known_zero() and base_output_applies(x, self.weight)
+        factors_need_grad = torch.is_grad_enabled() and (self.smoa_A.weight.requires_grad or
+                                                         self.smoa_B.weight.requires_grad)  # fmt: skip
+        if zero_B and not factors_need_grad:  # the adapter term is zero by construction: the base layer's output
+            return F.linear(x, self.weight, self.bias)
+        output = smoa_linear(
             x,
             self.smoa_dropout(x),
             self.weight,
@@ -676,6 +761,12 @@ class SMoALinear(nn.Module):
             self.scale,
             backend=self.backend,
         )
+        if zero_B:
+            return value_with_gradient_of(F.linear(x, self.weight, self.bias), output)
+        rows = zero_rank_rows(self.block_ranks, self.row_order)
+        if rows is not None and base_output_applies(x, self.weight):
+            output = torch.where(rows, F.linear(x, self.weight, self.bias).to(output.dtype), output)
+        return output
 
     # ---- ΔW and merge -------------------------------------------------------------------------------------------
     def _adapter_tuple(self) -> tuple:
@@ -811,6 +902,10 @@ class SMoALinear(nn.Module):
                                       error_msgs)  # fmt: skip
         if not has["partition_info"] and prefix + "partition_info" in missing_keys:
             missing_keys.remove(prefix + "partition_info")  # a state dict written before the record existed
+        key_B = prefix + "smoa_B.weight"
+        if key_B in state_dict and isinstance(state_dict[key_B], torch.Tensor):  # a load already reads the values
+            zero = not state_dict[key_B].is_meta and not bool(state_dict[key_B].any())
+            self._zero_B_stamp = version_stamp(self.smoa_B.weight) if zero else None
         if has["row_order"]:
             self._stamp_orders()  # validated above; clears a pending (meta / to_empty) state
         elif has["smoa_A.weight"] or has["smoa_B.weight"]:  # allowed only under allow_missing_orders()

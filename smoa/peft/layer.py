@@ -40,12 +40,16 @@ from smoa.layer import (
     exact_unmerge,
     fingerprint_differs,
     init_block_factors,
+    known_zero,
     missing_orders_allowed,
     order_storage_dtype,
     partition_info,
     resolve_block_ranks,
     smoa_modulation,
+    value_with_gradient_of,
+    version_stamp,
     warn_w0_differs,
+    zero_rank_rows,
 )
 from smoa.partition import compute_orders, validate_order
 from smoa_kernels.reference import blocks_to_lora, dense_delta_weight
@@ -120,6 +124,7 @@ class SMoALayer(BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self._smoa_merge_record: MergeRecord | None = None  # what the current merge wrote (bit-exact unmerge)
         self._smoa_order_stamp: dict[str, tuple] = {}  # the order tensors last validated, per adapter
+        self._smoa_zero_B: dict[str, tuple] = {}  # adapters whose B is known to be zero (smoa.layer.known_zero)
         self.kwargs = kwargs
 
         base = self.get_base_layer()
@@ -201,6 +206,7 @@ class SMoALayer(BaseTunerLayer):
             self.smoa_col_order[adapter_name].fill_(-1)
             self._smoa_orders_pending.add(adapter_name)
         self._move_adapter_to_device_of_base_layer(adapter_name)
+        self._stamp_zero_B(adapter_name, config.init_weights is not False)
         self.set_adapter(self.active_adapters)
 
     @torch.no_grad()
@@ -217,6 +223,30 @@ class SMoALayer(BaseTunerLayer):
         lora_A, lora_B = blocks_to_lora(blocks, rows, cols)
         A.copy_(lora_A)
         B.copy_(lora_B)
+        self._stamp_zero_B(adapter_name, init_weights is not False)
+
+    def _stamp_zero_B(self, adapter_name: str, zero: bool) -> None:
+        """Record that ``smoa_B[adapter_name]`` is zero (``zero=True``: written as zeros, or checked), or forget it."""
+        stamps = self.__dict__.setdefault("_smoa_zero_B", {})
+        if zero and adapter_name in self.smoa_B:
+            stamps[adapter_name] = version_stamp(self.smoa_B[adapter_name].weight)
+        else:
+            stamps.pop(adapter_name, None)
+
+    def _B_known_zero(self, adapter_name: str) -> bool:
+        """``B`` of ``adapter_name`` is zero and nothing wrote to it since (see :func:`smoa.layer.known_zero`)."""
+        stamps = self.__dict__.get("_smoa_zero_B", {})
+        if known_zero(stamps.get(adapter_name), self.smoa_B[adapter_name].weight):
+            return True
+        if adapter_name in stamps and not torch.compiler.is_compiling():
+            del stamps[adapter_name]
+        return False
+
+    def _restamp_zero_B(self, known: set[str]) -> None:
+        """After a cast or move of the factors: the adapters in ``known`` whose B is still zero keep their stamp."""
+        for name in known:
+            B = self.smoa_B[name].weight if name in self.smoa_B else None
+            self._stamp_zero_B(name, B is not None and not B.is_meta and not bool(B.detach().any()))
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.merged_adapters:
@@ -230,6 +260,7 @@ class SMoALayer(BaseTunerLayer):
         self._smoa_order_stamp.pop(adapter_name, None)
         self._smoa_order_options.pop(adapter_name, None)
         self._smoa_orders_lost.discard(adapter_name)
+        self.__dict__.get("_smoa_zero_B", {}).pop(adapter_name, None)
 
     # ---- orders -------------------------------------------------------------------------------------------------
     def _orders(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,6 +381,9 @@ class SMoALayer(BaseTunerLayer):
             self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
         )
         for adapter_name, (orders, factors, info) in loaded.items():
+            value_B = state_dict.get(f"{prefix}smoa_B.{adapter_name}.weight")
+            if isinstance(value_B, torch.Tensor):  # a load already reads the values: is the loaded B zero?
+                self._stamp_zero_B(adapter_name, not value_B.is_meta and not bool(value_B.any()))
             if orders:
                 self._smoa_orders_pending.discard(adapter_name)
                 self._smoa_orders_lost.discard(adapter_name)
@@ -382,7 +416,9 @@ class SMoALayer(BaseTunerLayer):
         for attr in ("smoa_row_order", "smoa_col_order", "smoa_partition_info"):
             for name, value in getattr(self, attr).items():
                 before[attr, name] = None if value.is_meta else value.detach().cpu().clone()
+        zero_B = {name for name in self.smoa_B if self._B_known_zero(name)}
         result = nn.Module._apply(self, fn, recurse)
+        self._restamp_zero_B(zero_B)  # a cast or move keeps B = 0; to_empty() does not
         for (attr, name), values in before.items():
             buffer = getattr(self, attr)[name]
             if buffer.is_meta:
@@ -543,8 +579,6 @@ class Linear(nn.Module, SMoALayer):
         active = [name for name in self.active_adapters if name in self.smoa_A]
         if not active:
             return self.base_layer(x, *args, **kwargs)
-        weight = self._base_weight()
-        result = None
         for name in active:
             if _FSDP_WRAPPERS and isinstance(self.smoa_A[name], _FSDP_WRAPPERS):
                 raise RuntimeError(
@@ -552,18 +586,45 @@ class Linear(nn.Module, SMoALayer):
                     "weights directly (ΔW = (BA) ⊙ W0), so shard the enclosing SMoA layer or decoder layer instead "
                     "(e.g. accelerate's TRANSFORMER_BASED_WRAP, not peft's fsdp_auto_wrap_policy)"
                 )
+            self._orders(name)  # an adapter without orders refuses, whichever path computes the output
+        # adapters whose term is zero by construction (B = 0): the output is the one without them, bit for bit; their
+        # factors still get the gradient of the full forward (see smoa.layer.value_with_gradient_of)
+        zero = [name for name in active if self._B_known_zero(name)]
+        if not zero:
+            return self._adapters_forward(x, active, args, kwargs)
+        live = [name for name in active if name not in zero]
+        value = self._adapters_forward(x, live, args, kwargs)
+        needs_grad = torch.is_grad_enabled() and any(
+            self.smoa_A[name].weight.requires_grad or self.smoa_B[name].weight.requires_grad for name in zero
+        )
+        if not needs_grad:
+            return value
+        return value_with_gradient_of(value, self._adapters_forward(x, active, args, kwargs))
+
+    def _adapters_forward(self, x: torch.Tensor, names: list[str], args, kwargs) -> torch.Tensor:
+        """``base(x) + Σ_a s_a·x_a ΔW_aᵀ`` over ``names``; the output rows of r_k = 0 blocks (zero by construction)
+        are the base layer's (or the previous adapters') own, bit for bit."""
+        if not names:
+            return self.base_layer(x, *args, **kwargs)
+        weight = self._base_weight()
+        result = None
+        for name in names:
             rows, cols = self._orders(name)
             x_adapter = self.smoa_dropout[name](x)
+            zero_rows = zero_rank_rows(self.block_ranks[name], rows)
             if result is None:  # y = x W0ᵀ + b + s·x_a ΔWᵀ in one call
                 result = smoa_linear(
                     x, x_adapter, weight, self.get_base_layer().bias, self.smoa_A[name].weight,
                     self.smoa_B[name].weight, rows, cols, self.num_blocks[name], self.scaling[name],
                 )  # fmt: skip
+                if zero_rows is not None:
+                    result = torch.where(zero_rows, self.base_layer(x, *args, **kwargs).to(result.dtype), result)
             else:  # a further active adapter adds its s·x_a ΔWᵀ only (the base term is zero with x = 0)
-                result = result + smoa_linear(
+                term = smoa_linear(
                     torch.zeros_like(x), x_adapter, weight, None, self.smoa_A[name].weight,
                     self.smoa_B[name].weight, rows, cols, self.num_blocks[name], self.scaling[name],
                 ).to(result.dtype)  # fmt: skip
+                result = result + term if zero_rows is None else torch.where(zero_rows, result, result + term)
         return result
 
     # nn.Module comes first in the MRO: point its state-dict hooks at SMoALayer's (which validate and clear pending

@@ -154,6 +154,14 @@ class SMoAModel(BaseTuner):
             if self.prefix in name and not any(p.device == meta for p in module.parameters()):
                 module.to(child.weight.device)
 
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        # PEFT upcasts half-precision factors by swapping their .data: a B known to be zero stays known zero
+        known = {module: {name for name in module.smoa_B if module._B_known_zero(name)}
+                 for module in self.model.modules() if isinstance(module, SMoALayer)}  # fmt: skip
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        for module, names in known.items():
+            module._restamp_zero_B(names)
+
     # ---- merging: every layer or none -------------------------------------------------------------------------
     def _merge_every_layer(self, adapter_names, safe_merge: bool) -> None:
         """Merge ``adapter_names`` into every tuner layer, or into none: when a layer refuses (``safe_merge=True`` and
