@@ -189,9 +189,15 @@ def exact_merge(original: torch.Tensor, adapters, safe_merge: bool = False, what
     merged = (original.to(modulation.dtype) * modulation).to(original.dtype)
     if safe_merge and not bool(torch.isfinite(merged).all()):
         bad = int((~torch.isfinite(merged)).sum())
+        factors = [f"{int((~torch.isfinite(t)).sum())} in {name}" for _, A, B, *_ in adapters
+                   for name, t in (("A", A), ("B", B)) if not bool(torch.isfinite(t).all())]  # fmt: skip
+        cause = (
+            f"non-finite factor entries: {', '.join(factors)}" if factors else "finite factors whose product overflows"
+        )
         raise ValueError(
-            f"NaNs detected in the merged weights (safe_merge=True): merging {what} would put NaN/Inf into {bad} "
-            "entries of the base weight (are its factors finite?); nothing was merged"
+            f"NaNs detected in the merged weights (safe_merge=True): merging {what} would put NaN/Inf into {bad} of "
+            f"{merged.numel()} entries of the base weight (expected 0; cause: {cause}); nothing was merged — fix or "
+            "reload the factors, or keep the adapter unmerged"
         )
     restored = modulated_unmerge(merged, modulation, None, None)
     index = (~_same_bits(restored, original)).flatten().nonzero().squeeze(1)
@@ -248,17 +254,35 @@ def check_partition_info(key: str, info, num_blocks: int, r: int, d_out: int, d_
     config edited so that the factor shapes still match would otherwise load with another partition). The ordering
     is not compared: the saved orders are what counts, whatever ablation label built the receiving layer."""
     if not isinstance(info, torch.Tensor) or info.dim() != 1 or info.numel() < 6 or info.is_floating_point():
-        raise ValueError(f"{key} is not an SMoA partition record (got {getattr(info, 'shape', type(info).__name__)})")
+        found = (
+            f"shape {tuple(info.shape)}, dtype={info.dtype}" if isinstance(info, torch.Tensor) else type(info).__name__
+        )
+        raise ValueError(
+            f"{key} is not an SMoA partition record: expected a 1-D integer tensor of at least 6 entries [format, K, "
+            f"r, d_out, d_in, ordering, ...], found {found}; re-save the adapter with this smoa"
+        )
     fmt, saved_k, saved_r, saved_out, saved_in = (int(v) for v in info[:5].tolist())
     if fmt != _INFO_FORMAT:
-        raise ValueError(f"{key} has format {fmt}, this smoa reads format {_INFO_FORMAT}")
+        raise ValueError(
+            f"{key} has format {fmt}, this smoa reads format {_INFO_FORMAT} (expected {_INFO_FORMAT}, found {fmt}); "
+            "install the smoa version that wrote the adapter, or re-save it with this one"
+        )
     saved = {"num_blocks": saved_k, "r": saved_r, "out_features": saved_out, "in_features": saved_in}
     ours = {"num_blocks": num_blocks, "r": r, "out_features": d_out, "in_features": d_in}
     diff = [
         f"{name}={saved[name]} in the checkpoint but {ours[name]} here" for name in saved if saved[name] != ours[name]
     ]
     if diff:
-        raise ValueError(f"{key}: the adapter was saved with another partition: {'; '.join(diff)}")
+        fix = ", ".join(f"{name}={saved[name]}" for name in ("num_blocks", "r") if saved[name] != ours[name])
+        advice = (
+            f"set {fix} in the config (or load the folder with its own adapter_config.json)"
+            if fix
+            else "the checkpoint is for a layer of another shape: load it onto the base model it was trained on"
+        )
+        raise ValueError(
+            f"{key}: the adapter was saved with another partition: {'; '.join(diff)} (the checkpoint's value is the "
+            f"one found, this layer's the one expected); {advice}"
+        )
 
 
 def saved_ordering(info: torch.Tensor) -> str | None:
@@ -296,19 +320,60 @@ def warn_w0_differs(key: str) -> None:
 def check_loaded_tensor(key: str, value, expected_shape=None) -> None:
     """Raise ``ValueError`` naming ``key`` for a non-tensor, a shape mismatch, a non-float or a NaN/Inf value."""
     if not isinstance(value, torch.Tensor):
-        raise ValueError(f"{key} must be a tensor, got {type(value).__name__}")
+        raise ValueError(f"{key} must be a tensor, got {type(value).__name__}; save tensors (state_dict() values)")
     if expected_shape is not None and tuple(value.shape) != tuple(expected_shape):
-        raise ValueError(f"{key} has shape {tuple(value.shape)}, expected {tuple(expected_shape)}")
+        raise ValueError(
+            f"{key} has shape {tuple(value.shape)}, expected {tuple(expected_shape)}: the checkpoint was made for "
+            "another r, num_blocks or base shape; load it with the config and base model it was trained with"
+        )
     if not value.is_floating_point():
-        raise ValueError(f"{key} must be a floating-point tensor, got dtype={value.dtype}")
+        raise ValueError(
+            f"{key} must be a floating-point tensor (expected float16/bfloat16/float32/float64), found "
+            f"dtype={value.dtype}; is the key mapped to the right tensor?"
+        )
     if not value.is_meta and not bool(torch.isfinite(value).all()):
-        bad = int((~torch.isfinite(value)).sum())
-        raise ValueError(f"{key} holds {bad} NaN/Inf values; refusing to load a corrupt adapter")
+        nan, total = int(torch.isnan(value).sum()), int((~torch.isfinite(value)).sum())
+        raise ValueError(
+            f"{key} holds {total} NaN/Inf values ({nan} NaN, {total - nan} Inf) of {value.numel()}; expected finite "
+            "values: refusing to load a corrupt adapter — load an earlier checkpoint or re-save a finite one"
+        )
+
+
+ORDER_ADVICE = (
+    "the orders are saved with the adapter (save_pretrained / adapter_state_dict write them): re-save the adapter "
+    "from the trained model, or load a checkpoint of this layer's shape"
+)
+
+
+def describe_order(value, size: int) -> str:
+    """What an order tensor holds, for an error message: shape, dtype, range, repeated and missing indices."""
+    if not isinstance(value, torch.Tensor):
+        return f"a {type(value).__name__}"
+    found = f"shape {tuple(value.shape)}, dtype={value.dtype}"
+    if value.is_meta or value.numel() == 0 or value.is_floating_point() or value.is_complex():
+        return found
+    flat = value.detach().flatten().long().cpu()
+    present = flat[(flat >= 0) & (flat < size)].unique().numel()
+    return (
+        f"{found}, values in [{int(flat.min())}, {int(flat.max())}], {flat.numel() - flat.unique().numel()} repeated, "
+        f"{size - present} of range({size}) missing"
+    )
+
+
+def check_order(name: str, value, size: int) -> None:
+    """:func:`smoa.partition.validate_order` with the expected and found values and what to do in the message."""
+    try:
+        validate_order(name, value, size)
+    except ValueError as error:
+        raise ValueError(
+            f"{error}: expected a permutation of range({size}) (shape ({size},), an integer dtype), found "
+            f"{describe_order(value, size)}; {ORDER_ADVICE}"
+        ) from None
 
 
 def _check_order_value(name: str, value, size: int, device) -> torch.Tensor:
     """A validated int64 copy of ``value`` on ``device`` (any integer dtype is accepted, e.g. int16 from a file)."""
-    validate_order(name, value, size)
+    check_order(name, value, size)
     return value.detach().to(device=device, dtype=torch.int64)
 
 
@@ -394,10 +459,12 @@ def check_zero_padding(state_dict, prefix, block_ranks, key_A, key_B, row_order,
     for key, mask in ((key_A, mask_A), (key_B, mask_B)):
         value = state_dict.get(prefix + key)
         if mask is not None and value is not None and tuple(value.shape) == tuple(mask.shape):
-            if bool((value.detach()[mask.to(value.device)] != 0).any()):
+            nonzero = int((value.detach()[mask.to(value.device)] != 0).sum())
+            if nonzero:
                 raise ValueError(
-                    f"{prefix + key} has non-zero entries in the zero padding of block_ranks={list(block_ranks)} "
-                    "(rank slots j >= r_k of block k must be 0)"
+                    f"{prefix + key} has {nonzero} non-zero entries in the zero padding of block_ranks="
+                    f"{list(block_ranks)} (expected 0: rank slots j >= r_k of block k must be 0); the checkpoint was "
+                    "saved with other block_ranks, or edited: load it with the block_ranks it was trained with"
                 )
 
 
@@ -633,8 +700,8 @@ class SMoALinear(nn.Module):
             stamp[0] is row and stamp[1] == row._version and stamp[2] == row.data_ptr()
             and stamp[3] is col and stamp[4] == col._version and stamp[5] == col.data_ptr()
         ):  # fmt: skip
-            validate_order("row_order", row, self.out_features)
-            validate_order("col_order", col, self.in_features)
+            check_order("row_order", row, self.out_features)
+            check_order("col_order", col, self.in_features)
             self._stamp_orders()
 
     def _apply(self, fn, recurse: bool = True):

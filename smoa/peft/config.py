@@ -263,8 +263,7 @@ def _check_smoa_weights(weights: str, config: dict, config_file: str) -> None:
     from peft.utils.other import get_pattern_key
     from safetensors import safe_open
 
-    from smoa.layer import check_loaded_tensor, check_partition_info
-    from smoa.partition import validate_order
+    from smoa.layer import check_loaded_tensor, check_order, check_partition_info
 
     stat = os.stat(weights)
     cache_key = (os.path.abspath(weights), stat.st_mtime_ns, stat.st_size, json.dumps(config, sort_keys=True))
@@ -282,7 +281,7 @@ def _check_smoa_weights(weights: str, config: dict, config_file: str) -> None:
     for key, value in tensors.items():
         try:
             if key.endswith(("smoa_row_order", "smoa_col_order")):
-                validate_order(f"{key} in {weights}", value, value.numel())
+                check_order(f"{key} in {weights}", value, value.numel())
             elif key.endswith("smoa_partition_info"):
                 module = key.removesuffix(".smoa_partition_info").removeprefix("base_model.model.")
                 r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config.get("r", 8))

@@ -33,6 +33,7 @@ from smoa.layer import (
     MergeRecord,
     _check_order_value,
     check_loaded_tensor,
+    check_order,
     check_partition_info,
     check_smoa_arguments,
     check_zero_padding,
@@ -51,7 +52,7 @@ from smoa.layer import (
     warn_w0_differs,
     zero_rank_rows,
 )
-from smoa.partition import compute_orders, validate_order
+from smoa.partition import compute_orders
 from smoa_kernels.reference import blocks_to_lora, dense_delta_weight
 
 from .config import SMoAConfig
@@ -268,8 +269,8 @@ class SMoALayer(BaseTunerLayer):
             rows, cols = self.smoa_row_order[adapter_name], self.smoa_col_order[adapter_name]
             if bool(rows[0] >= 0) and bool(cols[0] >= 0):
                 # a loader that bypasses load_state_dict (transformers' load_adapter) wrote the saved orders
-                validate_order(f"smoa_row_order.{adapter_name}", rows, self.out_features)
-                validate_order(f"smoa_col_order.{adapter_name}", cols, self.in_features)
+                check_order(f"smoa_row_order.{adapter_name}", rows, self.out_features)
+                check_order(f"smoa_col_order.{adapter_name}", cols, self.in_features)
                 if rows.dtype != torch.long or cols.dtype != torch.long:  # assigned from an int16/int32 file
                     self.smoa_row_order[adapter_name], self.smoa_col_order[adapter_name] = rows.long(), cols.long()
                     rows, cols = self.smoa_row_order[adapter_name], self.smoa_col_order[adapter_name]
@@ -300,8 +301,8 @@ class SMoALayer(BaseTunerLayer):
             stamp = (rows, rows._version, rows.data_ptr(), cols, cols._version, cols.data_ptr())
             old = self._smoa_order_stamp.get(adapter_name)
             if old is None or not all(a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(old, stamp)):
-                validate_order(f"smoa_row_order.{adapter_name}", rows, self.out_features)
-                validate_order(f"smoa_col_order.{adapter_name}", cols, self.in_features)
+                check_order(f"smoa_row_order.{adapter_name}", rows, self.out_features)
+                check_order(f"smoa_col_order.{adapter_name}", cols, self.in_features)
                 self._smoa_order_stamp[adapter_name] = stamp
         return rows, cols
 

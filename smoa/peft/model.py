@@ -30,9 +30,9 @@ from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPP
 from peft.utils.other import get_pattern_key
 from torch import nn
 
-from smoa.layer import missing_orders_allowed
+from smoa.layer import check_order, missing_orders_allowed
 from smoa.model import ModelSnapshot, all_or_nothing, guard_loads
-from smoa.partition import partition_progress, precomputed_orders, validate_order
+from smoa.partition import partition_progress, precomputed_orders
 
 from .bnb import dispatch_bnb
 from .config import SMoAConfig
@@ -273,21 +273,31 @@ def _check_checkpoint(model: nn.Module, adapter_name: str, state_dict: dict[str,
             expected.add(key)
             if key not in state_dict:
                 if not missing_orders_allowed():
-                    problems.append(f"{key}: missing (an SMoA checkpoint must carry its orders)")
+                    problems.append(
+                        f"{key}: missing (expected: an SMoA checkpoint carries its orders; found: no such key) — "
+                        "re-save it with save_pretrained/get_peft_model_state_dict, or opt in with "
+                        "smoa.layer.allow_missing_orders() to recompute them from W0"
+                    )
                 continue
             try:
-                validate_order(key, state_dict[key], size)
+                check_order(key, state_dict[key], size)
             except ValueError as error:
                 problems.append(str(error))
         for attr in ("smoa_A", "smoa_B"):
             key = f"{name}.{attr}.{adapter_name}.weight"
             expected.add(key)
             if key not in state_dict:
-                problems.append(f"{key}: missing")
+                shape = tuple(model_state[key].shape) if key in model_state else "?"
+                problems.append(
+                    f"{key}: missing (expected a factor of shape {shape}; found: no such key) — is this checkpoint "
+                    "for this model, these target_modules and this adapter name?"
+                )
             elif key in model_state and tuple(state_dict[key].shape) != tuple(model_state[key].shape):
                 problems.append(
-                    f"{key}: shape {tuple(state_dict[key].shape)} in the checkpoint, {tuple(model_state[key].shape)} "
-                    f"in this model"
+                    f"{key}: shape {tuple(state_dict[key].shape)} found in the checkpoint, "
+                    f"{tuple(model_state[key].shape)} expected by this model (r={module.r[adapter_name]}, "
+                    f"num_blocks={module.num_blocks[adapter_name]}, {module.out_features}x{module.in_features}) — load "
+                    "it with the config and base model it was trained with"
                 )
         if not problems:  # finiteness, integer orders of any dtype, the saved partition against this config
             try:
@@ -304,7 +314,10 @@ def _check_checkpoint(model: nn.Module, adapter_name: str, state_dict: dict[str,
         and key not in expected
     )
     if stray:
-        problems.append(f"{len(stray)} SMoA tensors match no SMoA layer of this model, e.g. {stray[:3]}")
+        problems.append(
+            f"{len(stray)} SMoA tensors match no SMoA layer of this model (expected none), e.g. {stray[:3]} — check "
+            "target_modules and the base model"
+        )
     if problems:
         raise ValueError(
             f"the SMoA checkpoint for adapter {adapter_name!r} does not fit this model (was it trained on another "
@@ -320,16 +333,22 @@ def _check_loaded_adapter(model: nn.Module, adapter_name: str, loading_info) -> 
     problems = []
     for key in sorted(getattr(loading_info, "missing_keys", None) or ()):
         if "smoa_" in key and adapter_name in key:
-            problems.append(f"{key}: missing from the checkpoint")
+            problems.append(f"{key}: missing from the checkpoint (expected by this model's SMoA layer; found: no key)")
     for entry in sorted(getattr(loading_info, "mismatched_keys", None) or (), key=str):
         if "smoa_" in str(entry):
-            problems.append(f"{entry}: shape in the checkpoint differs from this model")
+            problems.append(
+                f"{entry}: the checkpoint's shape (found) differs from this model's (expected) — load it onto the "
+                "base model and with the config it was trained with"
+            )
     for name, module in model.named_modules():
         if not isinstance(module, SMoALayer) or adapter_name not in module.smoa_A:
             continue
         rows, cols = module.smoa_row_order[adapter_name], module.smoa_col_order[adapter_name]
         if adapter_name in module._smoa_orders_pending and not (bool(rows[0] >= 0) and bool(cols[0] >= 0)):
-            problems.append(f"{name}.smoa_row_order.{adapter_name}: missing (an SMoA checkpoint must carry its orders)")
+            problems.append(
+                f"{name}.smoa_row_order.{adapter_name}: missing (expected: an SMoA checkpoint carries its orders; "
+                "found: no such key) — re-save the adapter with save_pretrained"
+            )
             continue
         state = {f"{name}.smoa_{attr}.{adapter_name}": getattr(module, f"smoa_{attr}")[adapter_name]
                  for attr in ("row_order", "col_order", "partition_info")}  # fmt: skip
@@ -522,11 +541,22 @@ def _all_or_nothing_from_pretrained(from_pretrained):
         _check_config_fits_folder(config, folder)
         if not (isinstance(config, SMoAConfig) or _folder_is_smoa(folder) or _has_smoa(model)):
             return function(cls, model, model_id, *args, **kwargs)
-        with all_or_nothing(model):
+        with all_or_nothing(model), _naming_source(model_id):
             return function(cls, model, model_id, *args, **kwargs)
 
     wrapper._smoa_all_or_nothing = True
     return classmethod(wrapper)
+
+
+@contextlib.contextmanager
+def _naming_source(model_id):
+    """Errors of a load name the adapter folder (or hub id) they came from."""
+    try:
+        yield
+    except (ValueError, RuntimeError) as error:
+        if str(model_id) in str(error) or type(error) not in (ValueError, RuntimeError):
+            raise
+        raise type(error)(f"loading {str(model_id)!r}: {error}") from error
 
 
 def _all_or_nothing_peft_load_adapter(load_adapter):
@@ -535,7 +565,7 @@ def _all_or_nothing_peft_load_adapter(load_adapter):
         folder = os.path.join(str(model_id), kwargs.get("subfolder") or "")
         if not (_folder_is_smoa(folder) or _has_smoa(self)):
             return load_adapter(self, model_id, *args, **kwargs)
-        with all_or_nothing(self):
+        with all_or_nothing(self), _naming_source(model_id):
             return load_adapter(self, model_id, *args, **kwargs)
 
     wrapper._smoa_all_or_nothing = True
