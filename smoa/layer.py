@@ -453,6 +453,13 @@ def _save_unmerged_weight(module: SMoALinear, state_dict, prefix: str, local_met
         state_dict[prefix + "weight"] = module._original_weight().clone()
 
 
+def _stamp_loaded_B(module: SMoALinear, incompatible_keys) -> None:
+    """Load post-hook (after the children, so after ``smoa_B`` was written): B is known zero iff the loaded B was."""
+    zero = module.__dict__.pop("_zero_B_after_load", None)
+    if zero is not None:
+        module._zero_B_stamp = version_stamp(module.smoa_B.weight) if zero else None
+
+
 def check_zero_padding(state_dict, prefix, block_ranks, key_A, key_B, row_order, col_order) -> None:
     """Refuse factors whose zero padding (uneven block ranks) is not zero: they would compute another function."""
     mask_A, mask_B = padding_masks(block_ranks, row_order, col_order)
@@ -664,6 +671,7 @@ class SMoALinear(nn.Module):
             self._stamp_orders()
             self.reset_smoa_parameters(init_weights)
         self.register_state_dict_post_hook(_save_unmerged_weight)
+        self.register_load_state_dict_post_hook(_stamp_loaded_B)
         self.weight.requires_grad_(False)  # last: only a layer that was fully built freezes the wrapped weight
         if self.bias is not None:
             self.bias.requires_grad_(False)
@@ -969,10 +977,12 @@ class SMoALinear(nn.Module):
                                       error_msgs)  # fmt: skip
         if not has["partition_info"] and prefix + "partition_info" in missing_keys:
             missing_keys.remove(prefix + "partition_info")  # a state dict written before the record existed
-        key_B = prefix + "smoa_B.weight"
-        if key_B in state_dict and isinstance(state_dict[key_B], torch.Tensor):  # a load already reads the values
-            zero = not state_dict[key_B].is_meta and not bool(state_dict[key_B].any())
-            self._zero_B_stamp = version_stamp(self.smoa_B.weight) if zero else None
+        # smoa_B (a child) is loaded after this hook: the stamp is taken by _stamp_loaded_B, after the children. Set on
+        # every load (None: B not loaded), so a flag left by a load that failed part-way is never used later.
+        value_B = state_dict.get(prefix + "smoa_B.weight")
+        self._zero_B_after_load = (
+            (not value_B.is_meta and not bool(value_B.any())) if isinstance(value_B, torch.Tensor) else None
+        )  # a load already reads the values
         if has["row_order"]:
             self._stamp_orders()  # validated above; clears a pending (meta / to_empty) state
         elif has["smoa_A.weight"] or has["smoa_B.weight"]:  # allowed only under allow_missing_orders()

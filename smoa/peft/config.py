@@ -266,7 +266,12 @@ def _check_smoa_weights(weights: str, config: dict, config_file: str) -> None:
     from smoa.layer import check_loaded_tensor, check_order, check_partition_info
 
     stat = os.stat(weights)
-    cache_key = (os.path.abspath(weights), stat.st_mtime_ns, stat.st_size, json.dumps(config, sort_keys=True))
+    cache_key = (
+        os.path.abspath(weights),
+        stat.st_mtime_ns,
+        stat.st_size,
+        json.dumps(config, sort_keys=True, default=str),
+    )
     if cache_key in _validated:
         return
     try:

@@ -141,6 +141,7 @@ class SMoALayer(BaseTunerLayer):
         self.smoa_col_order = _OrderDict(in_features, "smoa_col_order")
         if isinstance(self, nn.Module):
             self.register_state_dict_post_hook(_orders_in_smallest_dtype)
+            self.register_load_state_dict_post_hook(_stamp_loaded_B)
 
     # ---- W0 in SPEC orientation (d_out×d_in) -------------------------------------------------------------------
     def _base_weight(self) -> torch.Tensor:
@@ -378,13 +379,16 @@ class SMoALayer(BaseTunerLayer):
             )
             for adapter_name in self.smoa_A
         }
+        self.__dict__["_smoa_zero_B_after_load"] = {}  # per load (see _stamp_loaded_B); a stale one is never used
         nn.Module._load_from_state_dict(
             self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
         )
         for adapter_name, (orders, factors, info) in loaded.items():
             value_B = state_dict.get(f"{prefix}smoa_B.{adapter_name}.weight")
             if isinstance(value_B, torch.Tensor):  # a load already reads the values: is the loaded B zero?
-                self._stamp_zero_B(adapter_name, not value_B.is_meta and not bool(value_B.any()))
+                # smoa_B (a child) is loaded after this hook: _stamp_loaded_B stamps it after the children
+                zero = not value_B.is_meta and not bool(value_B.any())
+                self.__dict__.setdefault("_smoa_zero_B_after_load", {})[adapter_name] = zero
             if orders:
                 self._smoa_orders_pending.discard(adapter_name)
                 self._smoa_orders_lost.discard(adapter_name)
@@ -499,6 +503,12 @@ class SMoALayer(BaseTunerLayer):
         # SMoA is additive, W = W0 + s·ΔW, and get_delta_weight returns s·ΔW anchored on the original W0; ΔW is
         # (nearly) full rank, so the LoRA export is exact only at rank min(d_in, d_out): see lora_export_error.
         return True
+
+
+def _stamp_loaded_B(module: SMoALayer, incompatible_keys) -> None:
+    """Load post-hook (after the children, so after ``smoa_B`` was written): B is known zero iff the loaded B was."""
+    for adapter_name, zero in module.__dict__.pop("_smoa_zero_B_after_load", {}).items():
+        module._stamp_zero_B(adapter_name, zero)
 
 
 def _orders_in_smallest_dtype(module: SMoALayer, state_dict: dict, prefix: str, local_metadata) -> None:
