@@ -453,6 +453,12 @@ def _save_unmerged_weight(module: SMoALinear, state_dict, prefix: str, local_met
         state_dict[prefix + "weight"] = module._original_weight().clone()
 
 
+def checked_by_the_model(state_dict, prefix: str) -> bool:
+    """Whether the load pre-hook of an enclosing module (``smoa.model.guard_loads``) already checked the entries under
+    ``prefix`` of this ``state_dict`` (one ``load_state_dict`` call: torch passes the same dict to every module)."""
+    return any(prefix.startswith(done) for done in getattr(state_dict, "_smoa_checked_prefixes", ()))
+
+
 def _stamp_loaded_B(module: SMoALinear, incompatible_keys) -> None:
     """Load post-hook (after the children, so after ``smoa_B`` was written): B is known zero iff the loaded B was."""
     zero = module.__dict__.pop("_zero_B_after_load", None)
@@ -971,7 +977,8 @@ class SMoALinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):  # fmt: skip
-        self._check_state_dict(state_dict, prefix)
+        if not checked_by_the_model(state_dict, prefix):
+            self._check_state_dict(state_dict, prefix)
         has = {name: prefix + name in state_dict for name in _ADAPTER_KEYS}
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)  # fmt: skip

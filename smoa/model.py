@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from smoa.layer import SMoALinear
+from smoa.layer import SMoALinear, checked_by_the_model
 from smoa.partition import partition_progress
 
 __all__ = ["ModelSnapshot", "adapter_state_dict", "apply_smoa", "guard_loads", "merge_smoa", "smoa_layers"]
@@ -164,9 +164,9 @@ def _check_whole_state_dict(module, state_dict, prefix, *args) -> None:
     """Load pre-hook of a model holding SMoA layers: check every SMoA layer's entries before torch copies any tensor,
     so that a bad tensor for the last layer does not leave the plain layers or the first SMoA layers loaded. The
     outermost guarded module checks its whole subtree; the guarded modules inside it then skip (same load call)."""
-    checked = state_dict.__dict__.setdefault("_smoa_checked_prefixes", []) if hasattr(state_dict, "__dict__") else []
-    if any(prefix.startswith(done) for done in checked):
+    if checked_by_the_model(state_dict, prefix):
         return
+    checked = state_dict.__dict__.setdefault("_smoa_checked_prefixes", []) if hasattr(state_dict, "__dict__") else []
     for name, layer in module.named_modules():
         if _has_state_check(layer):
             layer._check_state_dict(state_dict, f"{prefix}{name}." if name else prefix)

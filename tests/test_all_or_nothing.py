@@ -690,3 +690,22 @@ def test_a_folder_whose_peft_type_names_smoa_loads(tmp_path):
     loaded = PeftModel.from_pretrained(toy(), tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded(X), model(X))
+
+
+def test_peft_b_loaded_as_zero_and_b_loaded_non_zero():
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    base = toy()
+    reference = copy.deepcopy(base)
+    model = get_peft_model(base, smoa_config())  # random B: not known zero
+    state = get_peft_model_state_dict(model)
+    trained = {key: value.clone() for key, value in state.items()}
+    for key in [k for k in state if ".smoa_B." in k]:
+        state[key] = torch.zeros_like(state[key])
+    set_peft_model_state_dict(model, state)
+    x = nonfinite_input(torch.float32)
+    with torch.no_grad():
+        assert torch.equal(bits(model(x)), bits(reference(x)))
+    set_peft_model_state_dict(model, trained)  # a live B again: the adapter is used
+    with torch.no_grad():
+        assert not torch.equal(model(X), reference(X))

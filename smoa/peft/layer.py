@@ -37,6 +37,7 @@ from smoa.layer import (
     check_partition_info,
     check_smoa_arguments,
     check_zero_padding,
+    checked_by_the_model,
     exact_merge,
     exact_unmerge,
     fingerprint_differs,
@@ -370,7 +371,8 @@ class SMoALayer(BaseTunerLayer):
                 )
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
-        self._check_state_dict(state_dict, prefix)
+        if not checked_by_the_model(state_dict, prefix):
+            self._check_state_dict(state_dict, prefix)
         loaded = {
             adapter_name: (
                 f"{prefix}smoa_row_order.{adapter_name}" in state_dict,
