@@ -319,7 +319,7 @@ def test_failed_transformers_load_adapter_leaves_the_model(bert_folders, tmp_pat
 
 # ---- 3. merges: every layer or none ---------------------------------------------------------------------------------
 def _poison(layer, value: float) -> None:
-    factor = layer.smoa_A["default"].weight if isinstance(layer, SMoAPeftLinear) else layer.smoa_A.weight
+    factor = layer.smoa_A["default"].weight if isinstance(layer.smoa_A, nn.ModuleDict) else layer.smoa_A.weight
     with torch.no_grad():
         factor[0, 0] = value
 
@@ -709,3 +709,32 @@ def test_peft_b_loaded_as_zero_and_b_loaded_non_zero():
     set_peft_model_state_dict(model, trained)  # a live B again: the adapter is used
     with torch.no_grad():
         assert not torch.equal(model(X), reference(X))
+
+
+@pytest.mark.parametrize("kind", ["4bit", "8bit"])
+def test_a_refused_merge_over_a_quantized_base_changes_nothing(kind):
+    """Over bitsandbytes bases a merge re-quantizes (it replaces the weight): the refused merge gives back the former
+    quantized weights of the layers merged before the refusing one."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    model = Two(d_in=64, hidden=64)
+    for name in ("lin0", "lin1"):
+        linear = model.get_submodule(name)
+        if kind == "4bit":
+            quantized = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type="nf4")
+            quantized.weight = bnb.nn.Params4bit(linear.weight.detach().clone(), requires_grad=False, quant_type="nf4")
+        else:
+            quantized = bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False)
+            quantized.weight = bnb.nn.Int8Params(linear.weight.detach().clone(), requires_grad=False,
+                                                 has_fp16_weights=False)  # fmt: skip
+        quantized.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        setattr(model, name, quantized.to("cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(model, smoa_config())
+        x = torch.randn(3, 64)
+        _poison(peft_model.base_model.model.lin1, float("nan"))
+        snap = full_snapshot(peft_model, lambda m: m(x))
+        with pytest.raises(ValueError, match=r"NaNs detected in the merged weights.*layer 'lin1'; no layer was merged"):
+            peft_model.merge_and_unload(safe_merge=True)
+    assert_as_before(peft_model, snap)

@@ -171,6 +171,12 @@ class SMoAModel(BaseTuner):
 
         layers = [(name, module) for name, module in self.model.named_modules() if isinstance(module, BaseTunerLayer)]
         snapshot = ModelSnapshot(*(module for _, module in layers))  # merged_adapters, records, replaced weights
+        # a bitsandbytes 8-bit base keeps its matmul state (cached CB/SCB, ...) in a plain object: give that back too
+        states = {}
+        for _, module in layers:
+            state = getattr(module.get_base_layer(), "state", None)
+            if state is not None and hasattr(state, "__dict__") and not isinstance(state, (dict, nn.Module)):
+                states[id(state)] = (state, dict(vars(state)))
         done = []
         try:
             for name, layer in layers:
@@ -197,6 +203,9 @@ class SMoAModel(BaseTuner):
                     with torch.no_grad():
                         weight.copy_(previous)
             snapshot.restore(check_writes=False)
+            for state, attributes in states.values():
+                vars(state).clear()
+                vars(state).update(attributes)
             raise
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
