@@ -189,9 +189,15 @@ def exact_merge(original: torch.Tensor, adapters, safe_merge: bool = False, what
     merged = (original.to(modulation.dtype) * modulation).to(original.dtype)
     if safe_merge and not bool(torch.isfinite(merged).all()):
         bad = int((~torch.isfinite(merged)).sum())
+        factors = [f"{int((~torch.isfinite(t)).sum())} in {name}" for _, A, B, *_ in adapters
+                   for name, t in (("A", A), ("B", B)) if not bool(torch.isfinite(t).all())]  # fmt: skip
+        cause = (
+            f"non-finite factor entries: {', '.join(factors)}" if factors else "finite factors whose product overflows"
+        )
         raise ValueError(
-            f"NaNs detected in the merged weights (safe_merge=True): merging {what} would put NaN/Inf into {bad} "
-            "entries of the base weight (are its factors finite?); nothing was merged"
+            f"NaNs detected in the merged weights (safe_merge=True): merging {what} would put NaN/Inf into {bad} of "
+            f"{merged.numel()} entries of the base weight (expected 0; cause: {cause}); nothing was merged — fix or "
+            "reload the factors, or keep the adapter unmerged"
         )
     restored = modulated_unmerge(merged, modulation, None, None)
     index = (~_same_bits(restored, original)).flatten().nonzero().squeeze(1)
@@ -248,17 +254,35 @@ def check_partition_info(key: str, info, num_blocks: int, r: int, d_out: int, d_
     config edited so that the factor shapes still match would otherwise load with another partition). The ordering
     is not compared: the saved orders are what counts, whatever ablation label built the receiving layer."""
     if not isinstance(info, torch.Tensor) or info.dim() != 1 or info.numel() < 6 or info.is_floating_point():
-        raise ValueError(f"{key} is not an SMoA partition record (got {getattr(info, 'shape', type(info).__name__)})")
+        found = (
+            f"shape {tuple(info.shape)}, dtype={info.dtype}" if isinstance(info, torch.Tensor) else type(info).__name__
+        )
+        raise ValueError(
+            f"{key} is not an SMoA partition record: expected a 1-D integer tensor of at least 6 entries [format, K, "
+            f"r, d_out, d_in, ordering, ...], found {found}; re-save the adapter with this smoa"
+        )
     fmt, saved_k, saved_r, saved_out, saved_in = (int(v) for v in info[:5].tolist())
     if fmt != _INFO_FORMAT:
-        raise ValueError(f"{key} has format {fmt}, this smoa reads format {_INFO_FORMAT}")
+        raise ValueError(
+            f"{key} has format {fmt}, this smoa reads format {_INFO_FORMAT} (expected {_INFO_FORMAT}, found {fmt}); "
+            "install the smoa version that wrote the adapter, or re-save it with this one"
+        )
     saved = {"num_blocks": saved_k, "r": saved_r, "out_features": saved_out, "in_features": saved_in}
     ours = {"num_blocks": num_blocks, "r": r, "out_features": d_out, "in_features": d_in}
     diff = [
         f"{name}={saved[name]} in the checkpoint but {ours[name]} here" for name in saved if saved[name] != ours[name]
     ]
     if diff:
-        raise ValueError(f"{key}: the adapter was saved with another partition: {'; '.join(diff)}")
+        fix = ", ".join(f"{name}={saved[name]}" for name in ("num_blocks", "r") if saved[name] != ours[name])
+        advice = (
+            f"set {fix} in the config (or load the folder with its own adapter_config.json)"
+            if fix
+            else "the checkpoint is for a layer of another shape: load it onto the base model it was trained on"
+        )
+        raise ValueError(
+            f"{key}: the adapter was saved with another partition: {'; '.join(diff)} (the checkpoint's value is the "
+            f"one found, this layer's the one expected); {advice}"
+        )
 
 
 def saved_ordering(info: torch.Tensor) -> str | None:
@@ -296,19 +320,60 @@ def warn_w0_differs(key: str) -> None:
 def check_loaded_tensor(key: str, value, expected_shape=None) -> None:
     """Raise ``ValueError`` naming ``key`` for a non-tensor, a shape mismatch, a non-float or a NaN/Inf value."""
     if not isinstance(value, torch.Tensor):
-        raise ValueError(f"{key} must be a tensor, got {type(value).__name__}")
+        raise ValueError(f"{key} must be a tensor, got {type(value).__name__}; save tensors (state_dict() values)")
     if expected_shape is not None and tuple(value.shape) != tuple(expected_shape):
-        raise ValueError(f"{key} has shape {tuple(value.shape)}, expected {tuple(expected_shape)}")
+        raise ValueError(
+            f"{key} has shape {tuple(value.shape)}, expected {tuple(expected_shape)}: the checkpoint was made for "
+            "another r, num_blocks or base shape; load it with the config and base model it was trained with"
+        )
     if not value.is_floating_point():
-        raise ValueError(f"{key} must be a floating-point tensor, got dtype={value.dtype}")
+        raise ValueError(
+            f"{key} must be a floating-point tensor (expected float16/bfloat16/float32/float64), found "
+            f"dtype={value.dtype}; is the key mapped to the right tensor?"
+        )
     if not value.is_meta and not bool(torch.isfinite(value).all()):
-        bad = int((~torch.isfinite(value)).sum())
-        raise ValueError(f"{key} holds {bad} NaN/Inf values; refusing to load a corrupt adapter")
+        nan, total = int(torch.isnan(value).sum()), int((~torch.isfinite(value)).sum())
+        raise ValueError(
+            f"{key} holds {total} NaN/Inf values ({nan} NaN, {total - nan} Inf) of {value.numel()}; expected finite "
+            "values: refusing to load a corrupt adapter — load an earlier checkpoint or re-save a finite one"
+        )
+
+
+ORDER_ADVICE = (
+    "the orders are saved with the adapter (save_pretrained / adapter_state_dict write them): re-save the adapter "
+    "from the trained model, or load a checkpoint of this layer's shape"
+)
+
+
+def describe_order(value, size: int) -> str:
+    """What an order tensor holds, for an error message: shape, dtype, range, repeated and missing indices."""
+    if not isinstance(value, torch.Tensor):
+        return f"a {type(value).__name__}"
+    found = f"shape {tuple(value.shape)}, dtype={value.dtype}"
+    if value.is_meta or value.numel() == 0 or value.is_floating_point() or value.is_complex():
+        return found
+    flat = value.detach().flatten().long().cpu()
+    present = flat[(flat >= 0) & (flat < size)].unique().numel()
+    return (
+        f"{found}, values in [{int(flat.min())}, {int(flat.max())}], {flat.numel() - flat.unique().numel()} repeated, "
+        f"{size - present} of range({size}) missing"
+    )
+
+
+def check_order(name: str, value, size: int) -> None:
+    """:func:`smoa.partition.validate_order` with the expected and found values and what to do in the message."""
+    try:
+        validate_order(name, value, size)
+    except ValueError as error:
+        raise ValueError(
+            f"{error}: expected a permutation of range({size}) (shape ({size},), an integer dtype), found "
+            f"{describe_order(value, size)}; {ORDER_ADVICE}"
+        ) from None
 
 
 def _check_order_value(name: str, value, size: int, device) -> torch.Tensor:
     """A validated int64 copy of ``value`` on ``device`` (any integer dtype is accepted, e.g. int16 from a file)."""
-    validate_order(name, value, size)
+    check_order(name, value, size)
     return value.detach().to(device=device, dtype=torch.int64)
 
 
@@ -388,17 +453,97 @@ def _save_unmerged_weight(module: SMoALinear, state_dict, prefix: str, local_met
         state_dict[prefix + "weight"] = module._original_weight().clone()
 
 
+def checked_by_the_model(state_dict, prefix: str) -> bool:
+    """Whether the load pre-hook of an enclosing module (``smoa.model.guard_loads``) already checked the entries under
+    ``prefix`` of this ``state_dict`` (one ``load_state_dict`` call: torch passes the same dict to every module)."""
+    return any(prefix.startswith(done) for done in getattr(state_dict, "_smoa_checked_prefixes", ()))
+
+
+def _stamp_loaded_B(module: SMoALinear, incompatible_keys) -> None:
+    """Load post-hook (after the children, so after ``smoa_B`` was written): B is known zero iff the loaded B was."""
+    zero = module.__dict__.pop("_zero_B_after_load", None)
+    if zero is not None:
+        module._zero_B_stamp = version_stamp(module.smoa_B.weight) if zero else None
+
+
 def check_zero_padding(state_dict, prefix, block_ranks, key_A, key_B, row_order, col_order) -> None:
     """Refuse factors whose zero padding (uneven block ranks) is not zero: they would compute another function."""
     mask_A, mask_B = padding_masks(block_ranks, row_order, col_order)
     for key, mask in ((key_A, mask_A), (key_B, mask_B)):
         value = state_dict.get(prefix + key)
         if mask is not None and value is not None and tuple(value.shape) == tuple(mask.shape):
-            if bool((value.detach()[mask.to(value.device)] != 0).any()):
+            nonzero = int((value.detach()[mask.to(value.device)] != 0).sum())
+            if nonzero:
                 raise ValueError(
-                    f"{prefix + key} has non-zero entries in the zero padding of block_ranks={list(block_ranks)} "
-                    "(rank slots j >= r_k of block k must be 0)"
+                    f"{prefix + key} has {nonzero} non-zero entries in the zero padding of block_ranks="
+                    f"{list(block_ranks)} (expected 0: rank slots j >= r_k of block k must be 0); the checkpoint was "
+                    "saved with other block_ranks, or edited: load it with the block_ranks it was trained with"
                 )
+
+
+# ---- the adapter term that is zero by construction: the output is then the base layer's, bit for bit -------------
+# With a non-finite input (an fp16 overflow, an inf in a batch) the adapter term s·x ΔWᵀ is 0·inf = NaN wherever the
+# arithmetic runs, even when ΔW is zero by construction; nn.Linear gives inf there. So where the term is known to be
+# exactly zero — B = 0 (the init, tracked by the factor's version counter: no host sync) or an r_k = 0 block (its
+# output rows R_k) — the layer returns the base layer's output there, and a non-finite input elsewhere propagates as
+# it does through nn.Linear (and LoRA). The gradient is the adapter's (the factors train from B = 0 as before).
+class _ValueWithGradientOf(torch.autograd.Function):
+    """``value`` in the forward, the gradient of ``gradient_of`` in the backward (equal in exact arithmetic)."""
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, gradient_of: torch.Tensor) -> torch.Tensor:
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None, grad
+
+
+def value_with_gradient_of(value: torch.Tensor, gradient_of: torch.Tensor) -> torch.Tensor:
+    """``value`` (e.g. the base output, when the adapter term is zero by construction) carrying the gradient of
+    ``gradient_of`` (the full adapter forward, which the factors need to train); ``gradient_of`` when they differ
+    in shape or dtype."""
+    if value.shape != gradient_of.shape or value.dtype != gradient_of.dtype:
+        return gradient_of
+    return _ValueWithGradientOf.apply(value.detach(), gradient_of)
+
+
+def zero_rank_rows(block_ranks, row_order: torch.Tensor) -> torch.Tensor | None:
+    """Bool (d_out,): True at the output rows R_k of the blocks with r_k = 0 (their adapter term is zero by
+    construction), or ``None`` when every block has a rank."""
+    if 0 not in block_ranks:
+        return None
+    mask = torch.zeros(row_order.numel(), dtype=torch.bool, device=row_order.device)
+    for R_k, r_k in zip(torch.tensor_split(row_order, len(block_ranks)), block_ranks):
+        if r_k == 0:
+            mask[R_k.long()] = True
+    return mask
+
+
+def version_stamp(tensor: torch.Tensor) -> tuple:
+    """What identifies ``tensor``'s current values without reading them: the object, its version, its storage."""
+    return (tensor, tensor._version, tensor.data_ptr())
+
+
+def known_zero(stamp, tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` (a factor B) is still the zero tensor recorded in ``stamp`` (:func:`version_stamp`).
+
+    The stamp (no device work) rules out every write through autograd-visible ops, a load and a ``.data`` swap; a
+    write through ``tensor.data`` bypasses the version counter, so a holding stamp is confirmed by reading B (one
+    small host sync, only while B is believed zero: once B has been written, the stamp no longer holds and nothing is
+    read). Never under ``torch.compile`` or CUDA-graph capture."""
+    if stamp is None or torch.compiler.is_compiling():
+        return False
+    if not (stamp[0] is tensor and stamp[1] == tensor._version and stamp[2] == tensor.data_ptr()):
+        return False
+    if tensor.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    return not bool(tensor.detach().any())
+
+
+def base_output_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``F.linear(x, W0, b)`` is the base layer's own output for ``x`` (same dtype, or autocast)."""
+    return x.dtype == weight.dtype or torch.is_autocast_enabled(x.device.type)
 
 
 class SMoALinear(nn.Module):
@@ -527,10 +672,12 @@ class SMoALinear(nn.Module):
         self.merged = False
         self._merge_record: MergeRecord | None = None  # what the current merge wrote (bit-exact unmerge)
         self._merge_token = uuid.uuid4().hex  # marks the shared W0 Parameter while this layer has merged into it
+        self._zero_B_stamp = None  # set while B is known to be zero (see _B_known_zero)
         if not weight.is_meta:
             self._stamp_orders()
             self.reset_smoa_parameters(init_weights)
         self.register_state_dict_post_hook(_save_unmerged_weight)
+        self.register_load_state_dict_post_hook(_stamp_loaded_B)
         self.weight.requires_grad_(False)  # last: only a layer that was fully built freezes the wrapped weight
         if self.bias is not None:
             self.bias.requires_grad_(False)
@@ -567,8 +714,8 @@ class SMoALinear(nn.Module):
             stamp[0] is row and stamp[1] == row._version and stamp[2] == row.data_ptr()
             and stamp[3] is col and stamp[4] == col._version and stamp[5] == col.data_ptr()
         ):  # fmt: skip
-            validate_order("row_order", row, self.out_features)
-            validate_order("col_order", col, self.in_features)
+            check_order("row_order", row, self.out_features)
+            check_order("col_order", col, self.in_features)
             self._stamp_orders()
 
     def _apply(self, fn, recurse: bool = True):
@@ -577,7 +724,11 @@ class SMoALinear(nn.Module):
         row, col, info = self.row_order, self.col_order, self.partition_info
         known = None if row.is_meta else (row.detach().cpu().clone(), col.detach().cpu().clone())
         info_values = None if info.is_meta else info.detach().cpu().clone()
+        zero_B = self._B_known_zero()
         result = super()._apply(fn, recurse)
+        B = self.smoa_B.weight
+        # a cast or move keeps B = 0; to_empty() does not: re-stamp only a B that is still zero
+        self._zero_B_stamp = version_stamp(B) if zero_B and not B.is_meta and not bool(B.any()) else None
         if self.row_order is not row or self.col_order is not col:
             if known is None:
                 self.row_order.fill_(-1)
@@ -623,6 +774,16 @@ class SMoALinear(nn.Module):
         ``B`` too, strong enough that ΔW is of W0's own magnitude."""
         sizes = [(B_k.shape[0], A_k.shape[1]) for A_k, B_k in self.block_factors()]
         self.load_block_factors(init_block_factors(sizes, self.block_ranks, init_weights, self.smoa_A.weight.device))
+        self._zero_B_stamp = version_stamp(self.smoa_B.weight) if init_weights is not False else None
+
+    def _B_known_zero(self) -> bool:
+        """B = 0 and nothing wrote to it since (see :func:`known_zero`); a stamp found wrong is dropped."""
+        stamp = self.__dict__.get("_zero_B_stamp")
+        if known_zero(stamp, self.smoa_B.weight):
+            return True
+        if stamp is not None and not torch.compiler.is_compiling():
+            self._zero_B_stamp = None
+        return False
 
     # ---- the official per-block layout -------------------------------------------------------------------------
     def block_factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -663,7 +824,12 @@ class SMoALinear(nn.Module):
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         self._check_orders()
-        return smoa_linear(
+        zero_B = self._B_known_zero() and base_output_applies(x, self.weight)
+        factors_need_grad = torch.is_grad_enabled() and (self.smoa_A.weight.requires_grad or
+                                                         self.smoa_B.weight.requires_grad)  # fmt: skip
+        if zero_B and not factors_need_grad:  # the adapter term is zero by construction: the base layer's output
+            return F.linear(x, self.weight, self.bias)
+        output = smoa_linear(
             x,
             self.smoa_dropout(x),
             self.weight,
@@ -676,6 +842,12 @@ class SMoALinear(nn.Module):
             self.scale,
             backend=self.backend,
         )
+        if zero_B:
+            return value_with_gradient_of(F.linear(x, self.weight, self.bias), output)
+        rows = zero_rank_rows(self.block_ranks, self.row_order)
+        if rows is not None and base_output_applies(x, self.weight):
+            output = torch.where(rows, F.linear(x, self.weight, self.bias).to(output.dtype), output)
+        return output
 
     # ---- ΔW and merge -------------------------------------------------------------------------------------------
     def _adapter_tuple(self) -> tuple:
@@ -805,12 +977,19 @@ class SMoALinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):  # fmt: skip
-        self._check_state_dict(state_dict, prefix)
+        if not checked_by_the_model(state_dict, prefix):
+            self._check_state_dict(state_dict, prefix)
         has = {name: prefix + name in state_dict for name in _ADAPTER_KEYS}
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)  # fmt: skip
         if not has["partition_info"] and prefix + "partition_info" in missing_keys:
             missing_keys.remove(prefix + "partition_info")  # a state dict written before the record existed
+        # smoa_B (a child) is loaded after this hook: the stamp is taken by _stamp_loaded_B, after the children. Set on
+        # every load (None: B not loaded), so a flag left by a load that failed part-way is never used later.
+        value_B = state_dict.get(prefix + "smoa_B.weight")
+        self._zero_B_after_load = (
+            (not value_B.is_meta and not bool(value_B.any())) if isinstance(value_B, torch.Tensor) else None
+        )  # a load already reads the values
         if has["row_order"]:
             self._stamp_orders()  # validated above; clears a pending (meta / to_empty) state
         elif has["smoa_A.weight"] or has["smoa_B.weight"]:  # allowed only under allow_missing_orders()

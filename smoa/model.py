@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 
-from smoa.layer import SMoALinear
+from smoa.layer import SMoALinear, checked_by_the_model
 from smoa.partition import partition_progress
 
-__all__ = ["adapter_state_dict", "apply_smoa", "merge_smoa", "smoa_layers"]
+__all__ = ["ModelSnapshot", "adapter_state_dict", "apply_smoa", "guard_loads", "merge_smoa", "smoa_layers"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,9 +102,6 @@ def apply_smoa(
         for param, flag in flags.items():  # a layer built before the failing one froze its nn.Linear
             param.requires_grad_(flag)
         raise
-    if not getattr(model, "_smoa_load_check", False):  # a bad layer in a state dict fails before any is loaded
-        model.register_load_state_dict_pre_hook(_check_whole_state_dict)
-        model._smoa_load_check = True
     for param in model.parameters():
         param.requires_grad_(False)
     for name, layer in new_layers.items():
@@ -111,14 +109,31 @@ def apply_smoa(
     for layer in smoa_layers(model).values():  # adapters attached by an earlier call stay trainable
         layer.smoa_A.weight.requires_grad_(True)
         layer.smoa_B.weight.requires_grad_(True)
+    guard_loads(model)  # a bad SMoA entry in a state dict fails before torch copies any tensor
     logger.info("SMoA: replaced %d linear modules: %s", len(names), ", ".join(names))
     return names
 
 
-def merge_smoa(model: nn.Module) -> nn.Module:
-    """Merge every SMoA layer into its weight and replace it by a plain ``nn.Linear`` (same output, no adapter)."""
-    for name, layer in smoa_layers(model).items():
-        layer.merge()
+def merge_smoa(model: nn.Module, safe_merge: bool = False) -> nn.Module:
+    """Merge every SMoA layer into its weight and replace it by a plain ``nn.Linear`` (same output, no adapter).
+
+    All or nothing: every layer is merged first (``safe_merge=True`` refuses a merge that would put NaN/Inf into a
+    weight); if any layer refuses, the layers merged so far are unmerged bit for bit and nothing is replaced."""
+    layers = smoa_layers(model)
+    merged_here = []
+    try:
+        for name, layer in layers.items():
+            if not layer.merged:
+                try:
+                    layer.merge(safe_merge=safe_merge)
+                except (ValueError, RuntimeError) as error:
+                    raise type(error)(f"merge_smoa: layer {name!r}: {error}; no layer was merged") from error
+                merged_here.append(layer)
+    except Exception:
+        for layer in reversed(merged_here):
+            layer.unmerge()
+        raise
+    for name, layer in layers.items():
         layer.weight.__dict__.pop("_smoa_merged_by", None)  # the merged weight is now the plain layer's own
         linear = nn.Linear(
             layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta", dtype=layer.weight.dtype
@@ -141,8 +156,107 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def _has_state_check(module: nn.Module) -> bool:
+    return callable(getattr(type(module), "_check_state_dict", None))
+
+
 def _check_whole_state_dict(module, state_dict, prefix, *args) -> None:
-    """Load pre-hook of a model patched by :func:`apply_smoa`: check every SMoA layer's entries before any module
-    loads, so that a bad tensor for the last layer does not leave the first ones loaded."""
-    for name, layer in smoa_layers(module).items():
-        layer._check_state_dict(state_dict, f"{prefix}{name}." if name else prefix)
+    """Load pre-hook of a model holding SMoA layers: check every SMoA layer's entries before torch copies any tensor,
+    so that a bad tensor for the last layer does not leave the plain layers or the first SMoA layers loaded. The
+    outermost guarded module checks its whole subtree; the guarded modules inside it then skip (same load call)."""
+    if checked_by_the_model(state_dict, prefix):
+        return
+    checked = state_dict.__dict__.setdefault("_smoa_checked_prefixes", []) if hasattr(state_dict, "__dict__") else []
+    for name, layer in module.named_modules():
+        if _has_state_check(layer):
+            layer._check_state_dict(state_dict, f"{prefix}{name}." if name else prefix)
+    checked.append(prefix)
+
+
+def guard_loads(model: nn.Module) -> None:
+    """Make ``load_state_dict`` of ``model`` — and of every module inside it that holds an SMoA layer — validate the
+    SMoA entries of the whole state dict before torch copies anything (torch's own loading copies module by module,
+    so a layer that raises would otherwise leave the layers before it loaded). Idempotent."""
+    holders = set()
+    for name, module in model.named_modules():
+        if _has_state_check(module):
+            parts = name.split(".") if name else []
+            for depth in range(len(parts)):  # every ancestor of the SMoA layer inside model, model included
+                holders.add(".".join(parts[:depth]))
+    for name in sorted(holders):
+        module = model.get_submodule(name)
+        if not module.__dict__.get("_smoa_load_check", False):
+            module.register_load_state_dict_pre_hook(_check_whole_state_dict)
+            module._smoa_load_check = True
+
+
+# ---- all or nothing: a snapshot of a module tree to give back after a failed operation ---------------------------
+_CONTAINERS = (dict, list, set)
+
+
+class ModelSnapshot:
+    """What an operation that fails part-way must give back: for every module under ``roots``, its attributes (the
+    child modules, parameters, buffers and hooks, ``training``, PEFT's bookkeeping such as ``peft_config``,
+    ``active_adapter``, ``merged_adapters``: one level of dicts/lists/sets is copied), and every parameter's
+    ``requires_grad`` flag. Tensor values are not copied (that would double the model's memory): :meth:`restore`
+    raises if a tensor that existed before was written in place meanwhile, because that could not be undone."""
+
+    def __init__(self, *roots: nn.Module) -> None:
+        self._modules: dict[int, tuple[nn.Module, dict, dict]] = {}
+        for root in roots:
+            for module in root.modules():
+                if id(module) not in self._modules:
+                    attributes = dict(module.__dict__)
+                    contents = {name: _copy_container(value) for name, value in attributes.items()
+                                if isinstance(value, _CONTAINERS)}  # fmt: skip
+                    self._modules[id(module)] = (module, attributes, contents)
+        tensors = {id(t): t for root in roots for t in (*root.parameters(), *root.buffers())}
+        self._flags = {t: t.requires_grad for t in tensors.values() if isinstance(t, nn.Parameter)}
+        self._versions = {t: t._version for t in tensors.values()}
+
+    def restore(self, check_writes: bool = True) -> None:
+        """Give the snapshot back; ``check_writes=False`` when the caller restored the written tensor values itself
+        (e.g. a merge undone by a bit-exact unmerge)."""
+        for module, attributes, contents in self._modules.values():
+            module.__dict__.clear()
+            module.__dict__.update(attributes)
+            for name, saved in contents.items():
+                _refill_container(attributes[name], saved)
+        for param, flag in self._flags.items():
+            param.requires_grad_(flag)
+        written = [t for t, version in self._versions.items() if t._version != version] if check_writes else []
+        if written:
+            shapes = ", ".join(str(tuple(t.shape)) for t in written[:3])
+            raise RuntimeError(
+                f"the failed operation wrote into {len(written)} existing tensors (shapes {shapes}) before it failed; "
+                "the module tree and flags were restored but those values could not be: reload the model"
+            )
+
+
+def _copy_container(value):
+    return dict(value) if isinstance(value, dict) else list(value) if isinstance(value, list) else set(value)
+
+
+def _refill_container(container, saved) -> None:
+    if isinstance(container, dict):
+        container.clear()
+        container.update(saved)
+    elif isinstance(container, list):
+        container[:] = saved
+    else:
+        container.clear()
+        container.update(saved)
+
+
+@contextmanager
+def all_or_nothing(*roots: nn.Module) -> Iterator[ModelSnapshot]:
+    """Run the block; if it raises, give ``roots`` back as they were (see :class:`ModelSnapshot`) and re-raise."""
+    snapshot = ModelSnapshot(*roots)
+    try:
+        yield snapshot
+    except BaseException as error:
+        try:
+            snapshot.restore()
+        except RuntimeError as restore_error:
+            raise restore_error from error
+        raise

@@ -38,9 +38,20 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, PeftType
 from smoa.layer import resolve_block_ranks
 from smoa.partition import ORDERINGS
 
-__all__ = ["SVD_DTYPES", "SMoAConfig"]
+__all__ = ["REQUIRES_FIELD", "SVD_DTYPES", "SMoAConfig", "is_smoa_peft_type"]
 
 SVD_DTYPES = ("float32", "float64")
+# Written into every saved SMoA adapter_config.json (and a note appended to the folder's README.md): PEFT without smoa
+# imported fails with a bare ``KeyError: 'SMOA'``, so the folder itself says what is missing. smoa drops the field
+# when it reads the file. A peft_type spelling that PEFT's own KeyError would print (SAVED_PEFT_TYPE) is read too.
+REQUIRES_FIELD = "smoa_requires"
+REQUIRES_NOTE = "an SMoA adapter: pip install smoa, then `import smoa` before PeftConfig/PeftModel.from_pretrained"
+SAVED_PEFT_TYPE = "SMOA (an adapter of the smoa package: pip install smoa, then `import smoa` before loading it)"
+
+
+def is_smoa_peft_type(value) -> bool:
+    """Whether ``value`` (a peft_type read from adapter_config.json) names SMoA: "SMOA" or :data:`SAVED_PEFT_TYPE`."""
+    return isinstance(value, str) and (value == "SMOA" or value == SAVED_PEFT_TYPE)
 
 
 def _check_int(name: str, value, minimum: int = 1) -> None:
@@ -192,6 +203,17 @@ class SMoAConfig(PeftConfig):
             raise ValueError(f"init_weights={self.init_weights!r} must be True, False or 'gaussian'")
         # lora_alpha / lora_dropout are checked per layer by smoa.layer.check_smoa_arguments (one place for the rules)
 
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """PEFT's ``save_pretrained``, plus a ``smoa_requires`` field saying which package reads the folder (PEFT alone
+        fails on it with a bare ``KeyError: 'SMOA'``); ``peft_type`` stays ``"SMOA"``."""
+        super().save_pretrained(save_directory, **kwargs)
+        path = os.path.join(save_directory, "adapter_config.json")
+        with open(path) as handle:
+            saved = json.load(handle)
+        saved[REQUIRES_FIELD] = REQUIRES_NOTE
+        with open(path, "w") as handle:
+            handle.write(json.dumps(saved, indent=2, sort_keys=True))
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
         """Load the config (PEFT's ``from_pretrained``) and, for a local adapter folder, check that its
@@ -241,11 +263,15 @@ def _check_smoa_weights(weights: str, config: dict, config_file: str) -> None:
     from peft.utils.other import get_pattern_key
     from safetensors import safe_open
 
-    from smoa.layer import check_loaded_tensor, check_partition_info
-    from smoa.partition import validate_order
+    from smoa.layer import check_loaded_tensor, check_order, check_partition_info
 
     stat = os.stat(weights)
-    cache_key = (os.path.abspath(weights), stat.st_mtime_ns, stat.st_size, json.dumps(config, sort_keys=True))
+    cache_key = (
+        os.path.abspath(weights),
+        stat.st_mtime_ns,
+        stat.st_size,
+        json.dumps(config, sort_keys=True, default=str),
+    )
     if cache_key in _validated:
         return
     try:
@@ -260,7 +286,7 @@ def _check_smoa_weights(weights: str, config: dict, config_file: str) -> None:
     for key, value in tensors.items():
         try:
             if key.endswith(("smoa_row_order", "smoa_col_order")):
-                validate_order(f"{key} in {weights}", value, value.numel())
+                check_order(f"{key} in {weights}", value, value.numel())
             elif key.endswith("smoa_partition_info"):
                 module = key.removesuffix(".smoa_partition_info").removeprefix("base_model.model.")
                 r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config.get("r", 8))
@@ -278,7 +304,10 @@ def _check_adapter_folder(config: dict, config_file: str) -> None:
     folder = os.path.dirname(os.path.abspath(config_file))
     weights, pickle_file = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME), os.path.join(folder, WEIGHTS_NAME)
     peft_type = config.get("peft_type")
-    is_smoa = peft_type == "SMOA"
+    is_smoa = is_smoa_peft_type(peft_type)
+    config.pop(REQUIRES_FIELD, None)  # a note for readers without smoa, not a config field
+    if is_smoa:
+        config["peft_type"] = "SMOA"  # the member smoa registered
     if not is_smoa and (_SMOA_FIELDS <= config.keys() or (os.path.isfile(weights) and _has_smoa_tensors(weights))):
         raise ValueError(
             f"{config_file} says peft_type={peft_type!r}, but the folder holds an SMoA adapter (its num_blocks/"

@@ -33,21 +33,27 @@ from smoa.layer import (
     MergeRecord,
     _check_order_value,
     check_loaded_tensor,
+    check_order,
     check_partition_info,
     check_smoa_arguments,
     check_zero_padding,
+    checked_by_the_model,
     exact_merge,
     exact_unmerge,
     fingerprint_differs,
     init_block_factors,
+    known_zero,
     missing_orders_allowed,
     order_storage_dtype,
     partition_info,
     resolve_block_ranks,
     smoa_modulation,
+    value_with_gradient_of,
+    version_stamp,
     warn_w0_differs,
+    zero_rank_rows,
 )
-from smoa.partition import compute_orders, validate_order
+from smoa.partition import compute_orders
 from smoa_kernels.reference import blocks_to_lora, dense_delta_weight
 
 from .config import SMoAConfig
@@ -120,6 +126,7 @@ class SMoALayer(BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self._smoa_merge_record: MergeRecord | None = None  # what the current merge wrote (bit-exact unmerge)
         self._smoa_order_stamp: dict[str, tuple] = {}  # the order tensors last validated, per adapter
+        self._smoa_zero_B: dict[str, tuple] = {}  # adapters whose B is known to be zero (smoa.layer.known_zero)
         self.kwargs = kwargs
 
         base = self.get_base_layer()
@@ -135,6 +142,7 @@ class SMoALayer(BaseTunerLayer):
         self.smoa_col_order = _OrderDict(in_features, "smoa_col_order")
         if isinstance(self, nn.Module):
             self.register_state_dict_post_hook(_orders_in_smallest_dtype)
+            self.register_load_state_dict_post_hook(_stamp_loaded_B)
 
     # ---- W0 in SPEC orientation (d_out×d_in) -------------------------------------------------------------------
     def _base_weight(self) -> torch.Tensor:
@@ -201,6 +209,7 @@ class SMoALayer(BaseTunerLayer):
             self.smoa_col_order[adapter_name].fill_(-1)
             self._smoa_orders_pending.add(adapter_name)
         self._move_adapter_to_device_of_base_layer(adapter_name)
+        self._stamp_zero_B(adapter_name, config.init_weights is not False)
         self.set_adapter(self.active_adapters)
 
     @torch.no_grad()
@@ -217,6 +226,30 @@ class SMoALayer(BaseTunerLayer):
         lora_A, lora_B = blocks_to_lora(blocks, rows, cols)
         A.copy_(lora_A)
         B.copy_(lora_B)
+        self._stamp_zero_B(adapter_name, init_weights is not False)
+
+    def _stamp_zero_B(self, adapter_name: str, zero: bool) -> None:
+        """Record that ``smoa_B[adapter_name]`` is zero (``zero=True``: written as zeros, or checked), or forget it."""
+        stamps = self.__dict__.setdefault("_smoa_zero_B", {})
+        if zero and adapter_name in self.smoa_B:
+            stamps[adapter_name] = version_stamp(self.smoa_B[adapter_name].weight)
+        else:
+            stamps.pop(adapter_name, None)
+
+    def _B_known_zero(self, adapter_name: str) -> bool:
+        """``B`` of ``adapter_name`` is zero and nothing wrote to it since (see :func:`smoa.layer.known_zero`)."""
+        stamps = self.__dict__.get("_smoa_zero_B", {})
+        if known_zero(stamps.get(adapter_name), self.smoa_B[adapter_name].weight):
+            return True
+        if adapter_name in stamps and not torch.compiler.is_compiling():
+            del stamps[adapter_name]
+        return False
+
+    def _restamp_zero_B(self, known: set[str]) -> None:
+        """After a cast or move of the factors: the adapters in ``known`` whose B is still zero keep their stamp."""
+        for name in known:
+            B = self.smoa_B[name].weight if name in self.smoa_B else None
+            self._stamp_zero_B(name, B is not None and not B.is_meta and not bool(B.detach().any()))
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.merged_adapters:
@@ -230,6 +263,7 @@ class SMoALayer(BaseTunerLayer):
         self._smoa_order_stamp.pop(adapter_name, None)
         self._smoa_order_options.pop(adapter_name, None)
         self._smoa_orders_lost.discard(adapter_name)
+        self.__dict__.get("_smoa_zero_B", {}).pop(adapter_name, None)
 
     # ---- orders -------------------------------------------------------------------------------------------------
     def _orders(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,8 +271,8 @@ class SMoALayer(BaseTunerLayer):
             rows, cols = self.smoa_row_order[adapter_name], self.smoa_col_order[adapter_name]
             if bool(rows[0] >= 0) and bool(cols[0] >= 0):
                 # a loader that bypasses load_state_dict (transformers' load_adapter) wrote the saved orders
-                validate_order(f"smoa_row_order.{adapter_name}", rows, self.out_features)
-                validate_order(f"smoa_col_order.{adapter_name}", cols, self.in_features)
+                check_order(f"smoa_row_order.{adapter_name}", rows, self.out_features)
+                check_order(f"smoa_col_order.{adapter_name}", cols, self.in_features)
                 if rows.dtype != torch.long or cols.dtype != torch.long:  # assigned from an int16/int32 file
                     self.smoa_row_order[adapter_name], self.smoa_col_order[adapter_name] = rows.long(), cols.long()
                     rows, cols = self.smoa_row_order[adapter_name], self.smoa_col_order[adapter_name]
@@ -269,8 +303,8 @@ class SMoALayer(BaseTunerLayer):
             stamp = (rows, rows._version, rows.data_ptr(), cols, cols._version, cols.data_ptr())
             old = self._smoa_order_stamp.get(adapter_name)
             if old is None or not all(a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(old, stamp)):
-                validate_order(f"smoa_row_order.{adapter_name}", rows, self.out_features)
-                validate_order(f"smoa_col_order.{adapter_name}", cols, self.in_features)
+                check_order(f"smoa_row_order.{adapter_name}", rows, self.out_features)
+                check_order(f"smoa_col_order.{adapter_name}", cols, self.in_features)
                 self._smoa_order_stamp[adapter_name] = stamp
         return rows, cols
 
@@ -312,18 +346,18 @@ class SMoALayer(BaseTunerLayer):
             check_partition_info(keys["info"], state_dict[keys["info"]], self.num_blocks[adapter_name],
                                  self.r[adapter_name], self.out_features, self.in_features)  # fmt: skip
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+    def _check_state_dict(self, state_dict, prefix: str) -> None:
+        """Raise naming the key for anything in ``state_dict`` (under ``prefix``) that this layer cannot load exactly,
+        for every adapter; nothing is written to the layer (integer orders are replaced by int64 copies in the dict).
+        Also run by the load pre-hook of the whole model (``smoa.model.guard_loads``) before torch copies anything."""
         base_key = f"{prefix}base_layer.weight"
         if self.merged and base_key in state_dict:
-            raise RuntimeError(f"{prefix or 'this layer'} is merged: unmerge before loading {base_key}")
-        loaded = {}
+            raise RuntimeError(
+                f"{prefix or 'this layer'} is merged (adapters {self.merged_adapters}): loading {base_key} into a "
+                "merged weight could not be undone; call unmerge_adapter() first"
+            )
         for adapter_name in list(self.smoa_A.keys()):
             self._check_adapter_state(state_dict, prefix, adapter_name)
-            loaded[adapter_name] = (
-                f"{prefix}smoa_row_order.{adapter_name}" in state_dict,
-                f"{prefix}smoa_A.{adapter_name}.weight" in state_dict,
-                f"{prefix}smoa_partition_info.{adapter_name}" in state_dict,
-            )
             rows_key, cols_key = f"{prefix}smoa_row_order.{adapter_name}", f"{prefix}smoa_col_order.{adapter_name}"
             if rows_key in state_dict and cols_key in state_dict:  # uneven block ranks: the padding must be zero
                 check_zero_padding(
@@ -335,10 +369,28 @@ class SMoALayer(BaseTunerLayer):
                     state_dict[rows_key],
                     state_dict[cols_key],
                 )
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        if not checked_by_the_model(state_dict, prefix):
+            self._check_state_dict(state_dict, prefix)
+        loaded = {
+            adapter_name: (
+                f"{prefix}smoa_row_order.{adapter_name}" in state_dict,
+                f"{prefix}smoa_A.{adapter_name}.weight" in state_dict,
+                f"{prefix}smoa_partition_info.{adapter_name}" in state_dict,
+            )
+            for adapter_name in self.smoa_A
+        }
+        self.__dict__["_smoa_zero_B_after_load"] = {}  # per load (see _stamp_loaded_B); a stale one is never used
         nn.Module._load_from_state_dict(
             self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
         )
         for adapter_name, (orders, factors, info) in loaded.items():
+            value_B = state_dict.get(f"{prefix}smoa_B.{adapter_name}.weight")
+            if isinstance(value_B, torch.Tensor):  # a load already reads the values: is the loaded B zero?
+                # smoa_B (a child) is loaded after this hook: _stamp_loaded_B stamps it after the children
+                zero = not value_B.is_meta and not bool(value_B.any())
+                self.__dict__.setdefault("_smoa_zero_B_after_load", {})[adapter_name] = zero
             if orders:
                 self._smoa_orders_pending.discard(adapter_name)
                 self._smoa_orders_lost.discard(adapter_name)
@@ -371,7 +423,9 @@ class SMoALayer(BaseTunerLayer):
         for attr in ("smoa_row_order", "smoa_col_order", "smoa_partition_info"):
             for name, value in getattr(self, attr).items():
                 before[attr, name] = None if value.is_meta else value.detach().cpu().clone()
+        zero_B = {name for name in self.smoa_B if self._B_known_zero(name)}
         result = nn.Module._apply(self, fn, recurse)
+        self._restamp_zero_B(zero_B)  # a cast or move keeps B = 0; to_empty() does not
         for (attr, name), values in before.items():
             buffer = getattr(self, attr)[name]
             if buffer.is_meta:
@@ -453,6 +507,12 @@ class SMoALayer(BaseTunerLayer):
         return True
 
 
+def _stamp_loaded_B(module: SMoALayer, incompatible_keys) -> None:
+    """Load post-hook (after the children, so after ``smoa_B`` was written): B is known zero iff the loaded B was."""
+    for adapter_name, zero in module.__dict__.pop("_smoa_zero_B_after_load", {}).items():
+        module._stamp_zero_B(adapter_name, zero)
+
+
 def _orders_in_smallest_dtype(module: SMoALayer, state_dict: dict, prefix: str, local_metadata) -> None:
     """State-dict post hook: the orders go to files in the smallest integer dtype that holds them (int16 up to 32,768
     features: adapter files as small as LoRA's at equal trainable parameters); in memory they stay int64."""
@@ -532,8 +592,6 @@ class Linear(nn.Module, SMoALayer):
         active = [name for name in self.active_adapters if name in self.smoa_A]
         if not active:
             return self.base_layer(x, *args, **kwargs)
-        weight = self._base_weight()
-        result = None
         for name in active:
             if _FSDP_WRAPPERS and isinstance(self.smoa_A[name], _FSDP_WRAPPERS):
                 raise RuntimeError(
@@ -541,18 +599,45 @@ class Linear(nn.Module, SMoALayer):
                     "weights directly (ΔW = (BA) ⊙ W0), so shard the enclosing SMoA layer or decoder layer instead "
                     "(e.g. accelerate's TRANSFORMER_BASED_WRAP, not peft's fsdp_auto_wrap_policy)"
                 )
+            self._orders(name)  # an adapter without orders refuses, whichever path computes the output
+        # adapters whose term is zero by construction (B = 0): the output is the one without them, bit for bit; their
+        # factors still get the gradient of the full forward (see smoa.layer.value_with_gradient_of)
+        zero = [name for name in active if self._B_known_zero(name)]
+        if not zero:
+            return self._adapters_forward(x, active, args, kwargs)
+        live = [name for name in active if name not in zero]
+        value = self._adapters_forward(x, live, args, kwargs)
+        needs_grad = torch.is_grad_enabled() and any(
+            self.smoa_A[name].weight.requires_grad or self.smoa_B[name].weight.requires_grad for name in zero
+        )
+        if not needs_grad:
+            return value
+        return value_with_gradient_of(value, self._adapters_forward(x, active, args, kwargs))
+
+    def _adapters_forward(self, x: torch.Tensor, names: list[str], args, kwargs) -> torch.Tensor:
+        """``base(x) + Σ_a s_a·x_a ΔW_aᵀ`` over ``names``; the output rows of r_k = 0 blocks (zero by construction)
+        are the base layer's (or the previous adapters') own, bit for bit."""
+        if not names:
+            return self.base_layer(x, *args, **kwargs)
+        weight = self._base_weight()
+        result = None
+        for name in names:
             rows, cols = self._orders(name)
             x_adapter = self.smoa_dropout[name](x)
+            zero_rows = zero_rank_rows(self.block_ranks[name], rows)
             if result is None:  # y = x W0ᵀ + b + s·x_a ΔWᵀ in one call
                 result = smoa_linear(
                     x, x_adapter, weight, self.get_base_layer().bias, self.smoa_A[name].weight,
                     self.smoa_B[name].weight, rows, cols, self.num_blocks[name], self.scaling[name],
                 )  # fmt: skip
+                if zero_rows is not None:
+                    result = torch.where(zero_rows, self.base_layer(x, *args, **kwargs).to(result.dtype), result)
             else:  # a further active adapter adds its s·x_a ΔWᵀ only (the base term is zero with x = 0)
-                result = result + smoa_linear(
+                term = smoa_linear(
                     torch.zeros_like(x), x_adapter, weight, None, self.smoa_A[name].weight,
                     self.smoa_B[name].weight, rows, cols, self.num_blocks[name], self.scaling[name],
                 ).to(result.dtype)  # fmt: skip
+                result = result + term if zero_rows is None else torch.where(zero_rows, result, result + term)
         return result
 
     # nn.Module comes first in the MRO: point its state-dict hooks at SMoALayer's (which validate and clear pending

@@ -19,6 +19,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import json
+import os
+import warnings
 from functools import partial
 
 import torch
@@ -27,8 +30,9 @@ from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPP
 from peft.utils.other import get_pattern_key
 from torch import nn
 
-from smoa.layer import missing_orders_allowed
-from smoa.partition import partition_progress, precomputed_orders, validate_order
+from smoa.layer import check_order, missing_orders_allowed
+from smoa.model import ModelSnapshot, all_or_nothing, guard_loads
+from smoa.partition import partition_progress, precomputed_orders
 
 from .bnb import dispatch_bnb
 from .config import SMoAConfig
@@ -66,11 +70,7 @@ class SMoAModel(BaseTuner):
     # ---- injection ----------------------------------------------------------------------------------------------
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         # a model loaded in 4/8-bit (is_loaded_in_4bit/8bit) is fine: each layer is dispatched on its own type
-        existing = {id(module) for module in model.modules() if isinstance(module, SMoALayer)}
-        # the flags to give back if the checkpoint loaded for this adapter is rejected (see _discard_failed_adapter)
-        self.__dict__.setdefault("_smoa_flags_before", {})[adapter_name] = _requires_grad_flags(model)
-        self.__dict__.setdefault("_smoa_unloaded", set()).add(adapter_name)  # no checkpoint loaded into it yet
-        try:
+        with all_or_nothing(model):  # a target that cannot be adapted: every layer already wrapped is given back
             weights = self._spectral_target_weights(model, adapter_name, kwargs.get("state_dict"))
             float64 = getattr(self.peft_config.get(adapter_name), "svd_dtype", None) == "float64"
             svd_dtype = torch.float64 if float64 else torch.float32
@@ -79,9 +79,7 @@ class SMoAModel(BaseTuner):
                 total = len(weights)
             with partition_progress(total), precomputed_orders(weights or (), svd_dtype):
                 super().inject_adapter(model, adapter_name, *args, **kwargs)
-        except Exception:
-            _remove_adapter_layers(model, adapter_name, keep=existing)
-            raise
+        guard_loads(self)  # load_state_dict of the tuner, the PeftModel or any module inside: SMoA entries first
 
     def _spectral_target_weights(self, model: nn.Module, adapter_name: str, state_dict) -> list[torch.Tensor] | None:
         """W0 (as ``update_layer`` will see it) of every layer this injection will give spectral orders, so that
@@ -156,6 +154,74 @@ class SMoAModel(BaseTuner):
             if self.prefix in name and not any(p.device == meta for p in module.parameters()):
                 module.to(child.weight.device)
 
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        # PEFT upcasts half-precision factors by swapping their .data: a B known to be zero stays known zero
+        known = {module: {name for name in module.smoa_B if module._B_known_zero(name)}
+                 for module in self.model.modules() if isinstance(module, SMoALayer)}  # fmt: skip
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        for module, names in known.items():
+            module._restamp_zero_B(names)
+
+    # ---- merging: every layer or none -------------------------------------------------------------------------
+    def _merge_every_layer(self, adapter_names, safe_merge: bool) -> None:
+        """Merge ``adapter_names`` into every tuner layer, or into none: when a layer refuses (``safe_merge=True`` and
+        NaN/Inf, no orders, ...), the layers merged before it are unmerged (bit for bit for SMoA layers over a float
+        base; a quantized base gets its former quantized weight back) and the error names the layer."""
+        from peft.tuners.tuners_utils import onload_layer
+
+        layers = [(name, module) for name, module in self.model.named_modules() if isinstance(module, BaseTunerLayer)]
+        snapshot = ModelSnapshot(*(module for _, module in layers))  # merged_adapters, records, replaced weights
+        # a bitsandbytes 8-bit base keeps its matmul state (cached CB/SCB, ...) in a plain object: give that back too
+        states = {}
+        for _, module in layers:
+            state = getattr(module.get_base_layer(), "state", None)
+            if state is not None and hasattr(state, "__dict__") and not isinstance(state, (dict, nn.Module)):
+                states[id(state)] = (state, dict(vars(state)))
+        done = []
+        try:
+            for name, layer in layers:
+                weight = getattr(layer.get_base_layer(), "weight", None)
+                in_place = isinstance(weight, torch.Tensor) and weight.is_floating_point()
+                previous = weight.detach().clone() if layer.merged and in_place else None
+                was_merged = layer.merged
+                try:
+                    with onload_layer(layer):
+                        layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+                except Exception as error:
+                    merged = f"the {len(done)} layers merged before it were unmerged" if done else "it was the first"
+                    raise type(error)(f"{error} [layer {name!r}; no layer was merged: {merged}]") from error
+                done.append((layer, was_merged, previous, weight if in_place else None))
+        except Exception:
+            for layer, was_merged, previous, weight in reversed(done):
+                if weight is None:  # a quantized base: the merge replaced the weight, the snapshot gives it back
+                    continue
+                if not was_merged and layer.merged:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        layer.unmerge()
+                elif previous is not None:
+                    with torch.no_grad():
+                        weight.copy_(previous)
+            snapshot.restore(check_writes=False)
+            for state, attributes in states.values():
+                vars(state).clear()
+                vars(state).update(attributes)
+            raise
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """PEFT's ``merge_adapter``, all or nothing: a layer that refuses leaves every layer unmerged as before."""
+        self._check_merge_allowed()
+        self._merge_every_layer(adapter_names, safe_merge)
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        # merge_and_unload: every layer is merged first (all or nothing), and only then does PEFT unload them
+        if merge:
+            self._check_merge_allowed()
+            self._merge_every_layer(adapter_names, safe_merge)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="All adapters are already merged")
+            return super()._unload_and_optionally_merge(merge, progressbar, safe_merge, adapter_names)
+
     # ---- mixed-adapter batches (LoRA's protocol: adapter_names is injected into every SMoA layer's forward) -------
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
@@ -191,60 +257,13 @@ class SMoAModel(BaseTuner):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        try:
-            _check_checkpoint(model, adapter_name, state_dict)
-        except (ValueError, RuntimeError):
-            _discard_failed_adapter(model, adapter_name)
-            raise
-        getattr(model, "base_model", model).__dict__.get("_smoa_unloaded", set()).discard(adapter_name)
+        _check_checkpoint(model, adapter_name, state_dict)  # the PeftModel entry points roll back what was attached
         return state_dict
 
 
 def _adapter_names_pre_forward_hook(module, args, kwargs, adapter_names):
     kwargs["adapter_names"] = adapter_names
     return args, kwargs
-
-
-def _requires_grad_flags(model: nn.Module) -> dict[nn.Parameter, bool]:
-    return {param: param.requires_grad for param in model.parameters()}
-
-
-def _restore_flags(flags: dict | None) -> None:
-    for param, flag in (flags or {}).items():
-        param.requires_grad_(flag)
-
-
-def _remove_adapter_layers(model: nn.Module, adapter_name: str, keep: set[int]) -> None:
-    """Undo a partial injection: unwrap layers created for ``adapter_name``, drop it from layers in ``keep``."""
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, SMoALayer):
-            continue
-        if id(module) in keep:
-            if adapter_name in module.smoa_A:
-                module.delete_adapter(adapter_name)
-        elif name:
-            model.set_submodule(name, module.get_base_layer())
-
-
-def _discard_failed_adapter(model: nn.Module, adapter_name: str) -> None:
-    """After a rejected checkpoint: remove the adapter PEFT attached for it, so that the model is as before."""
-    from peft import PeftModel
-
-    if not isinstance(model, PeftModel) or adapter_name not in model.peft_config:
-        return
-    # only an adapter attached for this checkpoint (from_pretrained/load_adapter: its config was read from the file,
-    # nothing loaded into it yet) is removed; set_peft_model_state_dict on a user's own adapter leaves it in place
-    fresh = adapter_name in model.base_model.__dict__.get("_smoa_unloaded", set())
-    if not (fresh and getattr(model.peft_config[adapter_name], "_orders_from_checkpoint", False)):
-        return
-    flags = getattr(model.base_model, "_smoa_flags_before", {}).pop(adapter_name, None)
-    if len(model.peft_config) > 1:
-        model.delete_adapter(adapter_name)
-    else:  # PeftModel.from_pretrained on a bare base model: give the base model back its own layers
-        base = model.base_model.unload()
-        if "peft_config" in vars(base):
-            del base.peft_config
-    _restore_flags(flags)
 
 
 def _check_checkpoint(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
@@ -263,21 +282,31 @@ def _check_checkpoint(model: nn.Module, adapter_name: str, state_dict: dict[str,
             expected.add(key)
             if key not in state_dict:
                 if not missing_orders_allowed():
-                    problems.append(f"{key}: missing (an SMoA checkpoint must carry its orders)")
+                    problems.append(
+                        f"{key}: missing (expected: an SMoA checkpoint carries its orders; found: no such key) — "
+                        "re-save it with save_pretrained/get_peft_model_state_dict, or opt in with "
+                        "smoa.layer.allow_missing_orders() to recompute them from W0"
+                    )
                 continue
             try:
-                validate_order(key, state_dict[key], size)
+                check_order(key, state_dict[key], size)
             except ValueError as error:
                 problems.append(str(error))
         for attr in ("smoa_A", "smoa_B"):
             key = f"{name}.{attr}.{adapter_name}.weight"
             expected.add(key)
             if key not in state_dict:
-                problems.append(f"{key}: missing")
+                shape = tuple(model_state[key].shape) if key in model_state else "?"
+                problems.append(
+                    f"{key}: missing (expected a factor of shape {shape}; found: no such key) — is this checkpoint "
+                    "for this model, these target_modules and this adapter name?"
+                )
             elif key in model_state and tuple(state_dict[key].shape) != tuple(model_state[key].shape):
                 problems.append(
-                    f"{key}: shape {tuple(state_dict[key].shape)} in the checkpoint, {tuple(model_state[key].shape)} "
-                    f"in this model"
+                    f"{key}: shape {tuple(state_dict[key].shape)} found in the checkpoint, "
+                    f"{tuple(model_state[key].shape)} expected by this model (r={module.r[adapter_name]}, "
+                    f"num_blocks={module.num_blocks[adapter_name]}, {module.out_features}x{module.in_features}) — load "
+                    "it with the config and base model it was trained with"
                 )
         if not problems:  # finiteness, integer orders of any dtype, the saved partition against this config
             try:
@@ -294,7 +323,10 @@ def _check_checkpoint(model: nn.Module, adapter_name: str, state_dict: dict[str,
         and key not in expected
     )
     if stray:
-        problems.append(f"{len(stray)} SMoA tensors match no SMoA layer of this model, e.g. {stray[:3]}")
+        problems.append(
+            f"{len(stray)} SMoA tensors match no SMoA layer of this model (expected none), e.g. {stray[:3]} — check "
+            "target_modules and the base model"
+        )
     if problems:
         raise ValueError(
             f"the SMoA checkpoint for adapter {adapter_name!r} does not fit this model (was it trained on another "
@@ -310,16 +342,22 @@ def _check_loaded_adapter(model: nn.Module, adapter_name: str, loading_info) -> 
     problems = []
     for key in sorted(getattr(loading_info, "missing_keys", None) or ()):
         if "smoa_" in key and adapter_name in key:
-            problems.append(f"{key}: missing from the checkpoint")
+            problems.append(f"{key}: missing from the checkpoint (expected by this model's SMoA layer; found: no key)")
     for entry in sorted(getattr(loading_info, "mismatched_keys", None) or (), key=str):
         if "smoa_" in str(entry):
-            problems.append(f"{entry}: shape in the checkpoint differs from this model")
+            problems.append(
+                f"{entry}: the checkpoint's shape (found) differs from this model's (expected) — load it onto the "
+                "base model and with the config it was trained with"
+            )
     for name, module in model.named_modules():
         if not isinstance(module, SMoALayer) or adapter_name not in module.smoa_A:
             continue
         rows, cols = module.smoa_row_order[adapter_name], module.smoa_col_order[adapter_name]
         if adapter_name in module._smoa_orders_pending and not (bool(rows[0] >= 0) and bool(cols[0] >= 0)):
-            problems.append(f"{name}.smoa_row_order.{adapter_name}: missing (an SMoA checkpoint must carry its orders)")
+            problems.append(
+                f"{name}.smoa_row_order.{adapter_name}: missing (expected: an SMoA checkpoint carries its orders; "
+                "found: no such key) — re-save the adapter with save_pretrained"
+            )
             continue
         state = {f"{name}.smoa_{attr}.{adapter_name}": getattr(module, f"smoa_{attr}")[adapter_name]
                  for attr in ("row_order", "col_order", "partition_info")}  # fmt: skip
@@ -336,37 +374,48 @@ def _check_loaded_adapter(model: nn.Module, adapter_name: str, loading_info) -> 
         )
 
 
+def _has_smoa(model: nn.Module) -> bool:
+    configs = getattr(model, "peft_config", None)
+    return any(isinstance(module, SMoALayer) for module in model.modules()) or (
+        isinstance(configs, dict) and any(isinstance(config, SMoAConfig) for config in configs.values())
+    )
+
+
+def _folder_is_smoa(path) -> bool:
+    """Whether ``path`` (a local adapter folder, or its subfolder) holds an SMoA adapter config; False otherwise."""
+    from .config import is_smoa_peft_type
+
+    try:
+        with open(os.path.join(str(path), "adapter_config.json")) as handle:
+            return is_smoa_peft_type(json.load(handle).get("peft_type"))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return False
+
+
 def _all_or_nothing_load_adapter(load_adapter):
     @functools.wraps(load_adapter)
     def wrapper(self, peft_model_id=None, adapter_name=None, *args, **kwargs):
         name = adapter_name if adapter_name is not None else "default"
-        existing = {id(module) for module in self.modules() if isinstance(module, SMoALayer)}
-        had_config = bool(getattr(self, "_hf_peft_config_loaded", False))
-        configs = dict(getattr(self, "peft_config", None) or {})
-        flags = _requires_grad_flags(self)
-        modes = {module: module.training for module in self.modules()}
+        involved = (
+            _has_smoa(self)
+            or isinstance(kwargs.get("peft_config"), SMoAConfig)
+            or _folder_is_smoa(os.path.join(str(peft_model_id or ""), kwargs.get("subfolder") or ""))
+        )
+        snapshot = ModelSnapshot(self)
         try:
             info = load_adapter(self, peft_model_id, adapter_name, *args, **kwargs)
             if isinstance(getattr(self, "peft_config", {}).get(name), SMoAConfig):
                 _check_loaded_adapter(self, name, info)
             return info
         except Exception as error:
-            new_config = (getattr(self, "peft_config", None) or {}).get(name)
-            if name not in configs and isinstance(new_config, SMoAConfig):
-                _remove_adapter_layers(self, name, keep=existing)
-                if new_config is not None:
-                    del self.peft_config[name]
-                if not configs and "peft_config" in vars(self):
-                    del self.peft_config
-                self._hf_peft_config_loaded = had_config
-                _restore_flags(flags)
-                for module, mode in modes.items():
-                    module.training = mode
-                if not isinstance(error, ValueError) or "nothing was loaded" not in str(error):
-                    raise ValueError(
-                        f"loading the SMoA adapter {peft_model_id!r} as {name!r} failed, nothing was loaded (the model "
-                        f"is as it was): {error}"
-                    ) from error
+            if not (involved or _has_smoa(self)):
+                raise
+            snapshot.restore()
+            if not isinstance(error, ValueError) or "nothing was loaded" not in str(error):
+                raise ValueError(
+                    f"loading the SMoA adapter {peft_model_id!r} as {name!r} failed, nothing was loaded (the model "
+                    f"is as it was): {error}"
+                ) from error
             raise
 
     wrapper._smoa_all_or_nothing = True
@@ -403,10 +452,32 @@ def _safetensors_only(save_pretrained):
                     f"(smoa refuses to unpickle adapter_model.bin files, which can run code); nothing was written to "
                     f"{save_directory!r}. Call save_pretrained() with safe_serialization=True (the default)"
                 )
-        return save_pretrained(self, save_directory, safe_serialization, selected_adapters, *args, **kwargs)
+        result = save_pretrained(self, save_directory, safe_serialization, selected_adapters, *args, **kwargs)
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        if any(isinstance(self.peft_config.get(name), SMoAConfig) for name in names):
+            _add_readme_note(save_directory)
+        return result
 
     checked._smoa_checked = True
     return checked
+
+
+README_NOTE = (
+    '\n## Loading this adapter\n\nThis folder holds an SMoA adapter (`peft_type` "SMOA"), which PEFT alone does not '
+    "know (it fails with `KeyError: 'SMOA'`). Install the `smoa` package and `import smoa` before "
+    "`PeftConfig.from_pretrained` / `PeftModel.from_pretrained` / `model.load_adapter`.\n"
+)
+
+
+def _add_readme_note(save_directory) -> None:
+    path = os.path.join(str(save_directory), "README.md")
+    text = ""
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    if README_NOTE not in text:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(README_NOTE)
 
 
 def _install_safetensors_only() -> None:
@@ -417,3 +488,106 @@ def _install_safetensors_only() -> None:
 
 
 _install_safetensors_only()
+
+
+# ---- PeftModel.from_pretrained / load_adapter: all-or-nothing for SMoA adapters ------------------------------------
+# PEFT attaches the adapter (replacing modules, changing requires_grad flags, the module's peft_config) before it reads
+# the weights; a load that then fails leaves the model changed. For every load that involves SMoA (an SMoAConfig, an
+# SMoA folder, or a model already holding SMoA layers) smoa checks what it can up front (a folder whose tensors are
+# not the config's method) and otherwise gives back the model as it was (smoa.model.ModelSnapshot) before re-raising.
+def _check_config_fits_folder(config, folder: str) -> None:
+    """Refuse, before anything changes, an explicit ``config=`` whose method is not the one of the folder's tensors."""
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME
+    from safetensors import safe_open
+
+    from .config import _check_smoa_weights
+
+    weights = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
+    if config is None or not os.path.isfile(weights):
+        return
+    try:
+        with safe_open(weights, framework="pt") as handle:
+            keys = list(handle.keys())
+    except Exception as error:
+        raise ValueError(
+            f"{weights} is not a readable safetensors file ({error}); nothing was loaded — re-download or re-save the "
+            "adapter"
+        ) from error
+    smoa_keys = [key for key in keys if ".smoa_" in key or key.startswith("smoa_")]
+    saved_type = None
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        with open(os.path.join(folder, "adapter_config.json")) as handle:
+            saved_type = json.load(handle).get("peft_type")
+    if isinstance(config, SMoAConfig) and not smoa_keys:
+        kinds = sorted({key.rsplit(".", 2)[-2] if key.count(".") >= 2 else key for key in keys})[:4]
+        raise ValueError(
+            f"config=SMoAConfig(...) but {weights} holds no SMoA tensors: expected smoa_A/smoa_B/smoa_row_order/"
+            f"smoa_col_order entries, found {len(keys)} tensors such as {kinds} (its adapter_config.json says "
+            f"peft_type={saved_type!r}); nothing was loaded. Load that folder without config= (with its own method), "
+            "or point to an SMoA adapter folder"
+        )
+    if not isinstance(config, SMoAConfig) and smoa_keys:
+        raise ValueError(
+            f"config={type(config).__name__}(...) but {weights} holds an SMoA adapter ({len(smoa_keys)} smoa_ tensors, "
+            f"e.g. {smoa_keys[0]!r}); loading it as {getattr(config, 'peft_type', None)!r} would silently drop them. "
+            "Nothing was loaded: load it without config= (after `import smoa`) or with an SMoAConfig"
+        )
+    if smoa_keys:
+        _check_smoa_weights(weights, config.to_dict(), "the config= argument")
+
+
+def _all_or_nothing_from_pretrained(from_pretrained):
+    import inspect
+
+    function = from_pretrained.__func__
+    signature = inspect.signature(function)
+
+    @functools.wraps(function)
+    def wrapper(cls, model, model_id, *args, **kwargs):
+        bound = signature.bind_partial(cls, model, model_id, *args, **kwargs).arguments
+        config = bound.get("config")
+        folder = os.path.join(str(model_id), (bound.get("kwargs") or {}).get("subfolder") or "")
+        _check_config_fits_folder(config, folder)
+        if not (isinstance(config, SMoAConfig) or _folder_is_smoa(folder) or _has_smoa(model)):
+            return function(cls, model, model_id, *args, **kwargs)
+        with all_or_nothing(model), _naming_source(model_id):
+            return function(cls, model, model_id, *args, **kwargs)
+
+    wrapper._smoa_all_or_nothing = True
+    return classmethod(wrapper)
+
+
+@contextlib.contextmanager
+def _naming_source(model_id):
+    """Errors of a load name the adapter folder (or hub id) they came from."""
+    try:
+        yield
+    except (ValueError, RuntimeError) as error:
+        if str(model_id) in str(error) or type(error) not in (ValueError, RuntimeError):
+            raise
+        raise type(error)(f"loading {str(model_id)!r}: {error}") from error
+
+
+def _all_or_nothing_peft_load_adapter(load_adapter):
+    @functools.wraps(load_adapter)
+    def wrapper(self, model_id, *args, **kwargs):
+        folder = os.path.join(str(model_id), kwargs.get("subfolder") or "")
+        if not (_folder_is_smoa(folder) or _has_smoa(self)):
+            return load_adapter(self, model_id, *args, **kwargs)
+        with all_or_nothing(self), _naming_source(model_id):
+            return load_adapter(self, model_id, *args, **kwargs)
+
+    wrapper._smoa_all_or_nothing = True
+    return wrapper
+
+
+def _install_all_or_nothing_loads() -> None:
+    from peft import PeftModel
+
+    if not getattr(PeftModel.from_pretrained, "_smoa_all_or_nothing", False):
+        PeftModel.from_pretrained = _all_or_nothing_from_pretrained(PeftModel.from_pretrained)
+    if not getattr(PeftModel.load_adapter, "_smoa_all_or_nothing", False):
+        PeftModel.load_adapter = _all_or_nothing_peft_load_adapter(PeftModel.load_adapter)
+
+
+_install_all_or_nothing_loads()
