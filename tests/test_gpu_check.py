@@ -31,7 +31,7 @@ def test_smoke_run_writes_csv_png_json_and_a_ten_line_summary(tmp_path):
     assert ok and all(r["median_ms"] > 0 and r["peak_mem_mib"] is not None for r in ok)
     assert len(written["model_comparison"]) == len(ok)
     lines = (tmp_path / "summary.txt").read_text().splitlines()
-    assert lines == data["lines"] and 5 <= len(lines) <= 10
+    assert lines == data["lines"] and 5 <= len(lines) <= 12
     assert "CPU" in lines[0] and "not GPU figures" in lines[0]
     assert not data["failed"]
 
@@ -71,3 +71,56 @@ def test_needs_a_gpu_without_smoke(monkeypatch):
 def test_registered_as_a_subcommand():
     args = build_parser().parse_args(["gpu-check", "--smoke", "--skip-tests"])
     assert args.func is gpu_check._command and args.smoke and args.skip_tests
+
+
+def test_smoke_run_trains_against_the_reference_and_profiles_beside_the_model(tmp_path):
+    data = gpu_check.run_gpu_check(smoke=True, output_dir=tmp_path, log=lambda text: None)
+    training = data["phases"]["training"]
+    assert training["ok"], training["status"]
+    result = training["result"]
+    assert result["backend"] == "torch" and len(result["losses"]) == result["steps"] == 3
+    assert all(loss == loss and loss > 0 for loss in result["losses"])  # finite and positive
+    assert result["loss_rel_error"] <= result["loss_bound"] and result["grad_rel_error_max"] <= result["grad_bound"]
+    assert result["grad_tensors"] > 0 and result["cold_step_s"] > 0 and result["warm_step_s"] > 0
+    profile = data["phases"]["profile"]
+    assert profile["ok"] and set(profile["result"]) == {"K=2", "K=4"}
+    for k in (2, 4):
+        table = (tmp_path / f"profile_K{k}.md").read_text()
+        assert "| measured kernel |" in table and "Cost model" in table and "CPU smoke" in table
+        rows = (tmp_path / f"profile_K{k}.csv").read_text().splitlines()
+        assert len(rows) > 3 and rows[0].startswith("measured kernel,calls,total_us")
+    assert any(line.startswith("training: ok") for line in data["lines"])
+
+
+def test_every_test_failure_is_reported_not_only_the_first(tmp_path, monkeypatch):
+    kernels = tmp_path / "tests" / "kernels"
+    kernels.mkdir(parents=True)
+    (kernels / "test_fails.py").write_text(
+        "def test_one():\n    assert False\n\ndef test_two():\n    assert 1 == 2\n\ndef test_three():\n    pass\n"
+    )
+    monkeypatch.setattr(gpu_check, "_tests_dir", lambda: kernels)
+    tests = gpu_check.run_tests(smoke=False, log=lambda text: None)
+    assert tests["rc"] == 1 and "2 failed, 1 passed" in tests["summary"]
+    assert [f.split("::")[-1].split()[0] for f in tests["failures"]] == ["test_one", "test_two"]
+    lines = gpu_check.summary_lines(gpu_check.environment(), tests, [], [], tmp_path, smoke=False)
+    assert "test_one" in lines[1] and "test_two" in lines[1]
+
+
+def test_the_test_phase_sets_what_the_gpu_tests_need(tmp_path, monkeypatch):
+    kernels = tmp_path / "tests" / "kernels"
+    kernels.mkdir(parents=True)
+    (kernels / "test_env.py").write_text(
+        "import os\n\ndef test_env():\n"
+        "    assert os.environ['CUBLAS_WORKSPACE_CONFIG'] and os.environ['SMOA_TRITON_AUTOTUNE'] == '0'\n"
+    )
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(gpu_check, "_tests_dir", lambda: kernels)
+    assert gpu_check.run_tests(smoke=False, log=lambda text: None)["rc"] == 0
+
+
+def test_a_phase_over_its_budget_is_reported_and_the_next_phases_run(tmp_path, monkeypatch):
+    monkeypatch.setitem(gpu_check.PHASE_BUDGET_S, "training", 0.01)
+    data = gpu_check.run_gpu_check(smoke=True, output_dir=tmp_path, run_the_tests=False, log=lambda text: None)
+    assert data["phases"]["training"]["status"].startswith("timed out") and not data["phases"]["training"]["ok"]
+    assert data["phases"]["profile"]["ok"] and data["bench_rows"]
+    assert data["failed"]  # a timed-out phase fails the check

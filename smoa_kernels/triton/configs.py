@@ -340,12 +340,18 @@ def capturing() -> bool:
     return bool(_CAPTURE)
 
 
+def _autotune_enabled() -> bool:
+    """``SMOA_TRITON_AUTOTUNE=0`` launches every kernel with its single config (as the interpreter and deterministic
+    mode do): no tuning runs, fewer cold compiles (``smoa gpu-check``'s test phase uses it)."""
+    return os.environ.get("SMOA_TRITON_AUTOTUNE", "1").lower() not in ("0", "false", "off", "no")
+
+
 def launch(name: str, grid, *args, **constexprs) -> None:
     """THE launch point of every kernel: one config (interpreter, deterministic mode) or the autotuned list."""
     if _CAPTURE:
         _CAPTURE[-1].append(Launch(name, grid, args, constexprs))
         return
-    if _interpreting() or torch.are_deterministic_algorithms_enabled():
+    if _interpreting() or torch.are_deterministic_algorithms_enabled() or not _autotune_enabled():
         entry = single_config(name, args[0], constexprs)  # args[0]: see _ACTIVATION_ARG
         options = {"num_warps": entry["num_warps"], "num_stages": entry["num_stages"]}
         jit_kernel(name, _interpreting())[grid](*args, **constexprs, **config_meta(entry), **options)
