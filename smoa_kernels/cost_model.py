@@ -341,7 +341,7 @@ def predictions(gpus: tuple[str, ...] = tuple(GPUS)) -> dict:
 
 
 def markdown_table(gpu: str = "h100") -> str:
-    """The README table: estimated full step (× frozen step) and forward ms per method at the canonical shapes."""
+    """The docs/kernels.md table: estimated full step (× frozen) and forward ms per method at the canonical shapes."""
     rows = [row for row in predictions((gpu,))["rows"]]
     lines = ["| N | K | " + " | ".join(METHODS) + " |", "|---|---|" + "---|" * len(METHODS)]
     for n in CANONICAL["tokens"]:
@@ -357,7 +357,7 @@ def markdown_table(gpu: str = "h100") -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Print (and write) the cost model's predictions (estimates).")
     parser.add_argument("--json", metavar="PATH", help="write the predictions as JSON")
-    parser.add_argument("--markdown", metavar="GPU", choices=tuple(GPUS), help="print the README table for GPU")
+    parser.add_argument("--markdown", metavar="GPU", choices=tuple(GPUS), help="print the docs table for GPU")
     args = parser.parse_args(argv)
     data = predictions()
     if args.json:

