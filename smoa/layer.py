@@ -532,8 +532,8 @@ def known_zero(stamp, tensor: torch.Tensor) -> bool:
     write through ``tensor.data`` bypasses the version counter, so a holding stamp is confirmed by reading B (one
     small host sync, only while B is believed zero: once B has been written, the stamp no longer holds and nothing is
     read). Never under ``torch.compile`` or CUDA-graph capture."""
-    if stamp is None or torch.compiler.is_compiling():
-        return False
+    if stamp is None or tensor.is_meta or torch.compiler.is_compiling():
+        return False  # a meta tensor (low_cpu_mem_usage loads) has no values: unknown, never "zero"
     if not (stamp[0] is tensor and stamp[1] == tensor._version and stamp[2] == tensor.data_ptr()):
         return False
     if tensor.is_cuda and torch.cuda.is_current_stream_capturing():

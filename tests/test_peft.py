@@ -259,6 +259,25 @@ def test_from_pretrained_options(saved, x, options):
     assert len(trainable) == (4 if options.get("is_trainable") else 0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("init_weights", [True, False], ids=["B_zero", "B_random"])
+def test_low_cpu_mem_usage_loads_a_zero_b_adapter(tmp_path, x, init_weights, dtype):
+    """low_cpu_mem_usage builds the adapter on the meta device before the saved tensors arrive: the B-is-zero shortcut
+    must treat a meta B as unknown (it has no values to read), for an untrained adapter (B = 0) as for a trained one,
+    and with PEFT's autocast of the adapter dtype."""
+    model = smoa_model(toy().to(dtype), init_weights=init_weights)
+    model.save_pretrained(tmp_path)
+    expected = model(x.to(dtype)).detach()
+    base = toy().to(dtype)
+    reference = base(x.to(dtype)).detach()
+    loaded = PeftModel.from_pretrained(base, tmp_path, low_cpu_mem_usage=True, autocast_adapter_dtype=True)
+    assert not any(t.is_meta for t in loaded.state_dict().values())
+    out = loaded(x.to(dtype))
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    if init_weights:  # B = 0: the adapter term vanishes by construction, so the output is the base's, bit for bit
+        torch.testing.assert_close(out, reference, atol=0, rtol=0)
+
+
 def test_one_block_identity_order_is_peft_hira():
     """SPEC §6: K = 1 with the identity order and s = 1 is HiRA; checked against PEFT's own HiRA."""
     from peft import HiraConfig
