@@ -26,6 +26,7 @@ _EXPORTS: dict[str, str] = {
     "get_backend": "smoa.backends",
     "use_backend": "smoa.backends",
     "SMoALinear": "smoa.layer",
+    "allow_missing_orders": "smoa.checkpoint",
     "apply_smoa": "smoa.model",
     "merge_smoa": "smoa.model",
     "smoa_layers": "smoa.model",

@@ -16,7 +16,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from smoa.layer import SMoALinear, checked_by_the_model
+from smoa.checkpoint import checked_by_the_model
+from smoa.layer import SMoALinear
 from smoa.partition import partition_progress
 
 __all__ = ["ModelSnapshot", "adapter_state_dict", "apply_smoa", "guard_loads", "merge_smoa", "smoa_layers"]

@@ -22,9 +22,9 @@ the adapter so they are never re-derived. A group of (near-)tied scores that str
 there the authors' own re-derivation may put an index in the other block (an unstable sort, another SVD), so such a
 layer may not reproduce the authors' model exactly.
 
-Uneven block ranks (``r % K ≠ 0``, or per-block ranks) are refused with a clear error until smoa's layers accept
-per-block ranks (issue 11 item 3); the conversion works on per-block tensors throughout, so only
-:func:`_lora_shaped` has to change then.
+Uneven block ranks (``r % K ≠ 0``, or per-block ranks) convert as they are: the adapter keeps the authors' per-block
+ranks (``block_ranks`` in the written config; ``rank_pattern`` where modules differ), zero-padded to the largest in
+the LoRA-shaped factors.
 
 Only the standard library is imported at module top (``smoa --help`` stays fast).
 """
@@ -247,7 +247,8 @@ def import_official(
     """
     import torch
 
-    from smoa.layer import partition_info, resolve_block_ranks
+    from smoa.checkpoint import partition_info
+    from smoa.factors import resolve_block_ranks
     from smoa.partition import spectral_scores
     from smoa.peft import SMoAConfig
     from smoa_kernels.reference import blocks_to_lora

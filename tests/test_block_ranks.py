@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import smoa
-from smoa.layer import padding_masks, resolve_block_ranks
+from smoa.factors import padding_masks, resolve_block_ranks
 from tests.utils import seeded
 
 BACKENDS = ["reference", "torch", "triton"]

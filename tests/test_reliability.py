@@ -1,4 +1,4 @@
-"""No silent wrong answers (issue 10): every bad input or fault raises a clear error that names the argument and the
+"""No silent wrong answers: every bad input or fault raises a clear error that names the argument and the
 value, and leaves outputs, parameters, ``requires_grad`` flags and files exactly as they were; the faults that used to
 give a wrong result silently (unfrozen W0, unmerge after a factor change, NaN factors through a merge, a merged
 state dict, a shared W0, an edited partition, dropped orders, mixed-adapter batches, interleaved ``use_backend``
@@ -23,7 +23,7 @@ import torch.nn as nn
 import smoa
 import smoa.backends as backends
 from smoa import SMoALinear, apply_smoa
-from smoa.layer import allow_missing_orders
+from smoa.checkpoint import allow_missing_orders
 from smoa.model import adapter_state_dict
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -701,7 +701,7 @@ def test_get_peft_model_state_dict_keeps_the_orders_and_a_load_without_them_is_r
     with pytest.raises(ValueError, match=r"smoa_row_order\.default: missing"):
         set_peft_model_state_dict(fresh, factors_only)
     assert_unchanged(fresh, snap)
-    with pytest.raises(ValueError, match=r"smoa_A\.default\.weight is loaded without .*allow_missing_orders"):
+    with pytest.raises(ValueError, match=r"smoa_A\.default\.weight'.*loaded without .*allow_missing_orders"):
         fresh.load_state_dict(_peft_keys(factors_only), strict=False)  # the "trainable parameters only" pattern
     assert_unchanged(fresh, snap)
     with allow_missing_orders(), pytest.warns(UserWarning, match="recomputing them from W0"):

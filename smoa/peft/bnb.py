@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from smoa.backends import get_backend
-from smoa.layer import check_smoa_arguments, modulated_merge, modulated_unmerge, smoa_modulation
+from smoa.factors import check_smoa_arguments
+from smoa.merge import modulated_merge, modulated_unmerge, smoa_modulation
 from smoa_kernels.blockwise import smoa_adapter_blockwise
 from smoa_kernels.reference import dense_delta_weight
 

@@ -35,7 +35,7 @@ from typing import Literal
 from peft.config import PeftConfig, PeftConfigMixin
 from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, PeftType
 
-from smoa.layer import resolve_block_ranks
+from smoa.factors import resolve_block_ranks
 from smoa.partition import ORDERINGS
 
 __all__ = ["REQUIRES_FIELD", "SVD_DTYPES", "SMoAConfig", "is_smoa_peft_type"]
@@ -263,7 +263,7 @@ def _check_smoa_weights(weights: str, config: dict, config_file: str) -> None:
     from peft.utils.other import get_pattern_key
     from safetensors import safe_open
 
-    from smoa.layer import check_loaded_tensor, check_order, check_partition_info
+    from smoa.checkpoint import check_loaded_tensor, check_order, check_partition_info
 
     stat = os.stat(weights)
     cache_key = (

@@ -29,30 +29,27 @@ from peft.utils.integrations import gather_params_ctx
 from transformers.pytorch_utils import Conv1D
 
 from smoa.backends import smoa_linear
-from smoa.layer import (
-    MergeRecord,
+from smoa.checkpoint import (
+    AdapterEntries,
     _check_order_value,
-    check_loaded_tensor,
+    check_adapter_entries,
     check_order,
-    check_partition_info,
-    check_smoa_arguments,
-    check_zero_padding,
     checked_by_the_model,
-    exact_merge,
-    exact_unmerge,
     fingerprint_differs,
+    partition_info,
+    warn_w0_differs,
+)
+from smoa.factors import (
+    check_smoa_arguments,
     init_block_factors,
     known_zero,
-    missing_orders_allowed,
     order_storage_dtype,
-    partition_info,
     resolve_block_ranks,
-    smoa_modulation,
     value_with_gradient_of,
     version_stamp,
-    warn_w0_differs,
     zero_rank_rows,
 )
+from smoa.merge import MergeRecord, exact_merge, exact_unmerge, smoa_modulation
 from smoa.partition import compute_orders
 from smoa_kernels.reference import blocks_to_lora, dense_delta_weight
 
@@ -308,43 +305,25 @@ class SMoALayer(BaseTunerLayer):
                 self._smoa_order_stamp[adapter_name] = stamp
         return rows, cols
 
-    def _check_adapter_state(self, state_dict, prefix: str, adapter_name: str) -> None:
-        """Raise naming the key for anything in ``state_dict`` (under ``prefix``) that adapter ``adapter_name`` of this
-        layer cannot load exactly; integer orders of any dtype are replaced by int64 copies. Nothing is written."""
-        keys = {
-            "rows": f"{prefix}smoa_row_order.{adapter_name}",
-            "cols": f"{prefix}smoa_col_order.{adapter_name}",
-            "info": f"{prefix}smoa_partition_info.{adapter_name}",
-            "A": f"{prefix}smoa_A.{adapter_name}.weight",
-            "B": f"{prefix}smoa_B.{adapter_name}.weight",
-        }
-        present = {name for name, key in keys.items() if key in state_dict}
-        if adapter_name in self.merged_adapters and present:
-            raise RuntimeError(
-                f"adapter {adapter_name!r} is merged into {prefix or 'this layer'}: unmerge it before loading "
-                f"{keys['A']} (a load into a merged adapter could not be undone)"
-            )
-        orders, factors = {"rows", "cols"} & present, {"A", "B"} & present
-        if len(orders) == 1:
-            (given,) = orders
-            raise ValueError(f"{keys[given]} is loaded without {keys[({'rows', 'cols'} - orders).pop()]}")
-        for name, size in (("rows", self.out_features), ("cols", self.in_features)):
-            if name in present:
-                state_dict[keys[name]] = _check_order_value(keys[name], state_dict[keys[name]], size, "cpu")
-        if orders and not factors:
-            raise ValueError(f"{keys['rows']}/{keys['cols']} are loaded without the factors {keys['A']}/{keys['B']}")
-        if factors and not orders and not missing_orders_allowed():
-            raise ValueError(
-                f"{keys['A']} is loaded without {keys['rows']}/{keys['cols']}: SMoA factors only make sense with the "
-                "orders they were trained with (get_peft_model_state_dict and save_pretrained include them). Opt in "
-                "with `with smoa.layer.allow_missing_orders():` to recompute them from W0"
-            )
-        for name, param in (("A", self.smoa_A[adapter_name].weight), ("B", self.smoa_B[adapter_name].weight)):
-            if name in present:
-                check_loaded_tensor(keys[name], state_dict[keys[name]], param.shape)
-        if "info" in present:
-            check_partition_info(keys["info"], state_dict[keys["info"]], self.num_blocks[adapter_name],
-                                 self.r[adapter_name], self.out_features, self.in_features)  # fmt: skip
+    def _adapter_entries(self, adapter_name: str) -> AdapterEntries:
+        """Where adapter ``adapter_name`` lives in this layer's state dict, and what its entries must match."""
+        return AdapterEntries(
+            keys={
+                "rows": f"smoa_row_order.{adapter_name}",
+                "cols": f"smoa_col_order.{adapter_name}",
+                "info": f"smoa_partition_info.{adapter_name}",
+                "A": f"smoa_A.{adapter_name}.weight",
+                "B": f"smoa_B.{adapter_name}.weight",
+            },
+            shape_A=tuple(self.smoa_A[adapter_name].weight.shape),
+            shape_B=tuple(self.smoa_B[adapter_name].weight.shape),
+            num_blocks=self.num_blocks[adapter_name],
+            r=self.r[adapter_name],
+            block_ranks=tuple(self.block_ranks[adapter_name]),
+            d_out=self.out_features,
+            d_in=self.in_features,
+            saved_with="get_peft_model_state_dict and save_pretrained",
+        )
 
     def _check_state_dict(self, state_dict, prefix: str) -> None:
         """Raise naming the key for anything in ``state_dict`` (under ``prefix``) that this layer cannot load exactly,
@@ -358,17 +337,17 @@ class SMoALayer(BaseTunerLayer):
             )
         for adapter_name in list(self.smoa_A.keys()):
             self._check_adapter_state(state_dict, prefix, adapter_name)
-            rows_key, cols_key = f"{prefix}smoa_row_order.{adapter_name}", f"{prefix}smoa_col_order.{adapter_name}"
-            if rows_key in state_dict and cols_key in state_dict:  # uneven block ranks: the padding must be zero
-                check_zero_padding(
-                    state_dict,
-                    prefix,
-                    self.block_ranks[adapter_name],
-                    f"smoa_A.{adapter_name}.weight",
-                    f"smoa_B.{adapter_name}.weight",
-                    state_dict[rows_key],
-                    state_dict[cols_key],
-                )
+
+    def _check_adapter_state(self, state_dict, prefix: str, adapter_name: str) -> None:
+        """Raise naming the key for anything in ``state_dict`` (under ``prefix``) that adapter ``adapter_name`` of this
+        layer cannot load exactly (:func:`smoa.checkpoint.check_adapter_entries`); nothing is written to the layer."""
+        entries = self._adapter_entries(adapter_name)
+        if adapter_name in self.merged_adapters and any(prefix + key in state_dict for key in entries.keys.values()):
+            raise RuntimeError(
+                f"adapter {adapter_name!r} is merged into {prefix or 'this layer'}: unmerge it before loading "
+                f"{prefix + entries.keys['A']} (a load into a merged adapter could not be undone)"
+            )
+        check_adapter_entries(state_dict, prefix, entries)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
         if not checked_by_the_model(state_dict, prefix):

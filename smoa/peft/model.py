@@ -30,7 +30,7 @@ from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPP
 from peft.utils.other import get_pattern_key
 from torch import nn
 
-from smoa.layer import check_order, missing_orders_allowed
+from smoa.checkpoint import check_order, missing_orders_allowed
 from smoa.model import ModelSnapshot, all_or_nothing, guard_loads
 from smoa.partition import partition_progress, precomputed_orders
 
@@ -285,7 +285,7 @@ def _check_checkpoint(model: nn.Module, adapter_name: str, state_dict: dict[str,
                     problems.append(
                         f"{key}: missing (expected: an SMoA checkpoint carries its orders; found: no such key) — "
                         "re-save it with save_pretrained/get_peft_model_state_dict, or opt in with "
-                        "smoa.layer.allow_missing_orders() to recompute them from W0"
+                        "smoa.allow_missing_orders() to recompute them from W0"
                     )
                 continue
             try:

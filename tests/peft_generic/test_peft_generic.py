@@ -116,7 +116,7 @@ CARVE_OUTS: list[tuple[str, object, str, bool]] = [
             name,
             lambda row: row in SMOA_NAMES or "SMoA" in str(row),
             "safetensors only: smoa refuses to write (and to read) a pickle adapter_model.bin for SMoA, which can run "
-            "code (issue 10); PEFT's test saves with safe_serialization=False, which raises a ValueError naming it",
+            "code; PEFT's test saves with safe_serialization=False, which raises a ValueError naming it",
             True,
         )
         for name in ("test_save_pretrained_pickle", "test_save_pretrained_selected_adapters_pickle")
