@@ -306,7 +306,7 @@ def test_triton_providers_are_wired_right_under_the_interpreter(monkeypatch, tin
 def test_progress_in_a_log_is_a_few_lines_and_on_a_terminal_the_live_bar():
     import io
 
-    from smoa.bench.run import progress_bar
+    from smoa.bench.progress import progress_bar
 
     lines = []
     bar = progress_bar(200, True, io.StringIO(), lines.append)  # a log: not a terminal

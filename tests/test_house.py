@@ -94,3 +94,16 @@ def test_import_smoa_imports_neither_peft_nor_bitsandbytes():
     code = "import sys, smoa; print(sorted(m for m in ('peft', 'bitsandbytes', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_no_code_or_doc_cites_a_work_item():
+    # a reader of the code cannot follow a work-item number: the code says what it guarantees instead
+    import re
+
+    pattern = re.compile(r"\bissues? ?#?\d+\b|\bitem \d+ of\b", re.IGNORECASE)
+    files = [p for d in ("smoa", "smoa_kernels", "tests", "tools", "docs", "benchmarks", "experiments")
+             for p in (ROOT / d).rglob("*") if p.suffix in (".py", ".md") and ".venv" not in p.parts]  # fmt: skip
+    files.append(ROOT / "README.md")
+    hits = [f"{p.relative_to(ROOT)}:{i}" for p in files if p.is_file()
+            for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]  # fmt: skip
+    assert hits == [], hits

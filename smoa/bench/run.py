@@ -18,6 +18,7 @@ import torch
 from smoa.bench import providers_bnb, providers_hira  # noqa: F401
 from smoa.bench.flops import FLOOR_TABLE, MODES, flop_floor
 from smoa.bench.measure import cpu_samples, peak_memory, time_callable, timing_from_samples
+from smoa.bench.progress import progress_bar
 from smoa.bench.providers import (
     DTYPES,
     PROVIDERS,
@@ -254,41 +255,6 @@ def run_bench(
         return _run(config, stdout, progress, log or (lambda text: print(text, file=sys.stderr)))
     finally:
         torch.set_num_threads(threads)
-
-
-class _LogProgress:
-    """Progress for a log (CI, ``nohup``, a notebook's captured output): a line at each quarter of the work and at
-    the end, instead of a terminal bar's hundreds of carriage-return updates on one line."""
-
-    STEPS = 4
-
-    def __init__(self, total: int, log: Callable[[str], None]) -> None:
-        self.total, self.done, self.log, self.start = total, 0, log, time.monotonic()
-        self.next_mark, self.postfix = 1, ""
-
-    def set_postfix_str(self, text: str) -> None:
-        self.postfix = text
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        while self.total and self.next_mark <= self.STEPS and self.done * self.STEPS >= self.next_mark * self.total:
-            self.next_mark += 1
-            elapsed = time.monotonic() - self.start
-            where = f" ({self.postfix})" if self.postfix else ""
-            self.log(f"smoa bench: {self.done}/{self.total} measurements, {elapsed:.0f} s{where}")
-
-    def close(self) -> None:
-        pass
-
-
-def progress_bar(total: int, progress: bool, stream, log: Callable[[str], None]):
-    """tqdm's live bar on a terminal; on anything else (a file, a pipe) a few log lines; nothing with ``progress``
-    off."""
-    from tqdm.auto import tqdm
-
-    if progress and not (hasattr(stream, "isatty") and stream.isatty()):
-        return _LogProgress(total, log)
-    return tqdm(total=total, desc="smoa bench", unit="meas", file=stream, disable=not progress, dynamic_ncols=True)
 
 
 def _run(config: BenchConfig, stdout, progress: bool, log: Callable[[str], None]) -> BenchResult:

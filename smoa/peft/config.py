@@ -201,7 +201,7 @@ class SMoAConfig(PeftConfig):
             raise ValueError(f"svd_dtype={self.svd_dtype!r} is not one of {SVD_DTYPES}")
         if not isinstance(self.init_weights, bool) and self.init_weights != "gaussian":
             raise ValueError(f"init_weights={self.init_weights!r} must be True, False or 'gaussian'")
-        # lora_alpha / lora_dropout are checked per layer by smoa.layer.check_smoa_arguments (one place for the rules)
+        # lora_alpha / lora_dropout are checked per layer by smoa.factors.check_smoa_arguments (one place for the rules)
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         """PEFT's ``save_pretrained``, plus a ``smoa_requires`` field saying which package reads the folder (PEFT alone

@@ -30,20 +30,13 @@ from transformers.pytorch_utils import Conv1D
 
 from smoa.backends import smoa_linear
 from smoa.checkpoint import (
-    AdapterEntries,
-    _check_order_value,
-    check_adapter_entries,
     check_order,
-    checked_by_the_model,
-    fingerprint_differs,
     partition_info,
-    warn_w0_differs,
 )
 from smoa.factors import (
     check_smoa_arguments,
     init_block_factors,
     known_zero,
-    order_storage_dtype,
     resolve_block_ranks,
     value_with_gradient_of,
     version_stamp,
@@ -51,6 +44,13 @@ from smoa.factors import (
 )
 from smoa.merge import MergeRecord, exact_merge, exact_unmerge, smoa_modulation
 from smoa.partition import compute_orders
+from smoa.peft.state import (
+    OrderDict,
+    SMoALayerState,
+    orders_in_smallest_dtype,
+    save_unmerged_base_weight,
+    stamp_loaded_B,
+)
 from smoa_kernels.reference import blocks_to_lora, dense_delta_weight
 
 from .config import SMoAConfig
@@ -65,29 +65,7 @@ except ImportError:  # torch built without distributed
     _FSDP_WRAPPERS = ()
 
 
-class _OrderDict(BufferDict):
-    """The per-adapter orders, validated on every assignment (any integer dtype, stored as int64). An all ``-1``
-    tensor is the "to be loaded from the checkpoint" placeholder (see ``SMoALayer.update_layer``)."""
-
-    def __init__(self, size: int, name: str) -> None:
-        super().__init__({}, persistent=True)
-        self._order_size, self._order_name = size, name
-
-    def _checked(self, key: str, value):
-        if isinstance(value, torch.Tensor) and (value.is_meta or (value.numel() and bool((value == -1).all()))):
-            return value
-        return _check_order_value(f"{self._order_name}.{key}", value, self._order_size, getattr(value, "device", "cpu"))
-
-    def __setitem__(self, key: str, buffer) -> None:
-        super().__setitem__(key, self._checked(key, buffer))
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in self.__dict__.get("_buffers", {}):
-            value = self._checked(name, value)
-        super().__setattr__(name, value)
-
-
-class SMoALayer(BaseTunerLayer):
+class SMoALayer(SMoALayerState, BaseTunerLayer):
     """Adapter state and merge bookkeeping shared by SMoA tuner layers (see the module docstring)."""
 
     adapter_layer_names: tuple[str, ...] = ("smoa_A", "smoa_B")
@@ -123,7 +101,7 @@ class SMoALayer(BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self._smoa_merge_record: MergeRecord | None = None  # what the current merge wrote (bit-exact unmerge)
         self._smoa_order_stamp: dict[str, tuple] = {}  # the order tensors last validated, per adapter
-        self._smoa_zero_B: dict[str, tuple] = {}  # adapters whose B is known to be zero (smoa.layer.known_zero)
+        self._smoa_zero_B: dict[str, tuple] = {}  # adapters whose B is known to be zero (smoa.factors.known_zero)
         self.kwargs = kwargs
 
         base = self.get_base_layer()
@@ -135,11 +113,11 @@ class SMoALayer(BaseTunerLayer):
         else:
             raise TypeError(f"SMoA supports torch.nn.Linear and transformers Conv1D layers, got {type(base).__name__}")
         self.in_features, self.out_features = in_features, out_features
-        self.smoa_row_order = _OrderDict(out_features, "smoa_row_order")
-        self.smoa_col_order = _OrderDict(in_features, "smoa_col_order")
+        self.smoa_row_order = OrderDict(out_features, "smoa_row_order")
+        self.smoa_col_order = OrderDict(in_features, "smoa_col_order")
         if isinstance(self, nn.Module):
-            self.register_state_dict_post_hook(_orders_in_smallest_dtype)
-            self.register_load_state_dict_post_hook(_stamp_loaded_B)
+            self.register_state_dict_post_hook(orders_in_smallest_dtype)
+            self.register_load_state_dict_post_hook(stamp_loaded_B)
 
     # ---- W0 in SPEC orientation (d_out×d_in) -------------------------------------------------------------------
     def _base_weight(self) -> torch.Tensor:
@@ -211,7 +189,7 @@ class SMoALayer(BaseTunerLayer):
 
     @torch.no_grad()
     def reset_smoa_parameters(self, adapter_name: str, init_weights: bool | str = True) -> None:
-        """SPEC §2 init, drawn in fp32 per block, then scattered (SPEC §3); see :func:`smoa.layer.init_block_factors`:
+        """SPEC §2 init, drawn in fp32 per block, then scattered (SPEC §3); see :func:`smoa.factors.init_block_factors`:
         ``True`` — every ``A_k`` kaiming-uniform(a=√5) over its own fan-in |C_k|, ``B_k = 0``; ``"gaussian"`` —
         ``A_k ~ N(0, 1/r_k)``, ``B_k = 0``; ``False`` — a random ``B_k`` too, so that ΔW is of W0's magnitude."""
         A, B = self.smoa_A[adapter_name].weight, self.smoa_B[adapter_name].weight
@@ -234,7 +212,7 @@ class SMoALayer(BaseTunerLayer):
             stamps.pop(adapter_name, None)
 
     def _B_known_zero(self, adapter_name: str) -> bool:
-        """``B`` of ``adapter_name`` is zero and nothing wrote to it since (see :func:`smoa.layer.known_zero`)."""
+        """``B`` of ``adapter_name`` is zero and nothing wrote to it since (see :func:`smoa.factors.known_zero`)."""
         stamps = self.__dict__.get("_smoa_zero_B", {})
         if known_zero(stamps.get(adapter_name), self.smoa_B[adapter_name].weight):
             return True
@@ -305,96 +283,6 @@ class SMoALayer(BaseTunerLayer):
                 self._smoa_order_stamp[adapter_name] = stamp
         return rows, cols
 
-    def _adapter_entries(self, adapter_name: str) -> AdapterEntries:
-        """Where adapter ``adapter_name`` lives in this layer's state dict, and what its entries must match."""
-        return AdapterEntries(
-            keys={
-                "rows": f"smoa_row_order.{adapter_name}",
-                "cols": f"smoa_col_order.{adapter_name}",
-                "info": f"smoa_partition_info.{adapter_name}",
-                "A": f"smoa_A.{adapter_name}.weight",
-                "B": f"smoa_B.{adapter_name}.weight",
-            },
-            shape_A=tuple(self.smoa_A[adapter_name].weight.shape),
-            shape_B=tuple(self.smoa_B[adapter_name].weight.shape),
-            num_blocks=self.num_blocks[adapter_name],
-            r=self.r[adapter_name],
-            block_ranks=tuple(self.block_ranks[adapter_name]),
-            d_out=self.out_features,
-            d_in=self.in_features,
-            saved_with="get_peft_model_state_dict and save_pretrained",
-        )
-
-    def _check_state_dict(self, state_dict, prefix: str) -> None:
-        """Raise naming the key for anything in ``state_dict`` (under ``prefix``) that this layer cannot load exactly,
-        for every adapter; nothing is written to the layer (integer orders are replaced by int64 copies in the dict).
-        Also run by the load pre-hook of the whole model (``smoa.model.guard_loads``) before torch copies anything."""
-        base_key = f"{prefix}base_layer.weight"
-        if self.merged and base_key in state_dict:
-            raise RuntimeError(
-                f"{prefix or 'this layer'} is merged (adapters {self.merged_adapters}): loading {base_key} into a "
-                "merged weight could not be undone; call unmerge_adapter() first"
-            )
-        for adapter_name in list(self.smoa_A.keys()):
-            self._check_adapter_state(state_dict, prefix, adapter_name)
-
-    def _check_adapter_state(self, state_dict, prefix: str, adapter_name: str) -> None:
-        """Raise naming the key for anything in ``state_dict`` (under ``prefix``) that adapter ``adapter_name`` of this
-        layer cannot load exactly (:func:`smoa.checkpoint.check_adapter_entries`); nothing is written to the layer."""
-        entries = self._adapter_entries(adapter_name)
-        if adapter_name in self.merged_adapters and any(prefix + key in state_dict for key in entries.keys.values()):
-            raise RuntimeError(
-                f"adapter {adapter_name!r} is merged into {prefix or 'this layer'}: unmerge it before loading "
-                f"{prefix + entries.keys['A']} (a load into a merged adapter could not be undone)"
-            )
-        check_adapter_entries(state_dict, prefix, entries)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
-        if not checked_by_the_model(state_dict, prefix):
-            self._check_state_dict(state_dict, prefix)
-        loaded = {
-            adapter_name: (
-                f"{prefix}smoa_row_order.{adapter_name}" in state_dict,
-                f"{prefix}smoa_A.{adapter_name}.weight" in state_dict,
-                f"{prefix}smoa_partition_info.{adapter_name}" in state_dict,
-            )
-            for adapter_name in self.smoa_A
-        }
-        self.__dict__["_smoa_zero_B_after_load"] = {}  # per load (see _stamp_loaded_B); a stale one is never used
-        nn.Module._load_from_state_dict(
-            self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
-        )
-        for adapter_name, (orders, factors, info) in loaded.items():
-            value_B = state_dict.get(f"{prefix}smoa_B.{adapter_name}.weight")
-            if isinstance(value_B, torch.Tensor):  # a load already reads the values: is the loaded B zero?
-                # smoa_B (a child) is loaded after this hook: _stamp_loaded_B stamps it after the children
-                zero = not value_B.is_meta and not bool(value_B.any())
-                self.__dict__.setdefault("_smoa_zero_B_after_load", {})[adapter_name] = zero
-            if orders:
-                self._smoa_orders_pending.discard(adapter_name)
-                self._smoa_orders_lost.discard(adapter_name)
-                self._smoa_order_stamp.pop(adapter_name, None)
-            elif factors:  # allowed only under allow_missing_orders()
-                warnings.warn(
-                    f"{prefix}smoa_row_order.{adapter_name}/smoa_col_order.{adapter_name} were not in the state dict: "
-                    "recomputing them from W0 as allow_missing_orders() asked",
-                    stacklevel=3,
-                )
-                ordering, seed, svd_dtype = self._smoa_order_options[adapter_name]
-                rows, cols = compute_orders(self._original_weight(), ordering, seed=seed, svd_dtype=svd_dtype)
-                self.smoa_row_order[adapter_name] = rows
-                self.smoa_col_order[adapter_name] = cols
-                self._smoa_orders_pending.discard(adapter_name)
-                self._smoa_orders_lost.discard(adapter_name)
-            key = f"{prefix}smoa_partition_info.{adapter_name}"
-            if not info and key in missing_keys:
-                missing_keys.remove(key)  # an adapter saved before the record existed
-            # (the BufferDicts are child modules, loaded after this hook: compare the incoming record itself)
-            if info:
-                with gather_params_ctx(self.get_base_layer().weight):
-                    if fingerprint_differs(state_dict[key], self._original_weight()):
-                        warn_w0_differs(key)
-
     def _apply(self, fn, recurse: bool = True):
         # .to()/.cuda() keep the orders' values; to_empty() does not: give back the known orders (or, from the meta
         # device, mark them "to be loaded") instead of leaving garbage that indexes W0 out of range.
@@ -424,7 +312,7 @@ class SMoALayer(BaseTunerLayer):
                 self.num_blocks[name])  # fmt: skip
 
     def _modulation(self, adapter_names: list[str]) -> torch.Tensor:
-        """``1 + Σ_a s_a·P_a`` over ``adapter_names`` (see :func:`smoa.layer.smoa_modulation`)."""
+        """``1 + Σ_a s_a·P_a`` over ``adapter_names`` (see :func:`smoa.merge.smoa_modulation`)."""
         return smoa_modulation(self._base_weight(), [self._adapter_tuple(name) for name in adapter_names])
 
     @torch.no_grad()
@@ -486,22 +374,6 @@ class SMoALayer(BaseTunerLayer):
         return True
 
 
-def _stamp_loaded_B(module: SMoALayer, incompatible_keys) -> None:
-    """Load post-hook (after the children, so after ``smoa_B`` was written): B is known zero iff the loaded B was."""
-    for adapter_name, zero in module.__dict__.pop("_smoa_zero_B_after_load", {}).items():
-        module._stamp_zero_B(adapter_name, zero)
-
-
-def _orders_in_smallest_dtype(module: SMoALayer, state_dict: dict, prefix: str, local_metadata) -> None:
-    """State-dict post hook: the orders go to files in the smallest integer dtype that holds them (int16 up to 32,768
-    features: adapter files as small as LoRA's at equal trainable parameters); in memory they stay int64."""
-    for attr, size in (("smoa_row_order", module.out_features), ("smoa_col_order", module.in_features)):
-        for adapter_name in module.smoa_A:
-            key = f"{prefix}{attr}.{adapter_name}"
-            if key in state_dict:
-                state_dict[key] = state_dict[key].to(order_storage_dtype(size))
-
-
 class Linear(nn.Module, SMoALayer):
     """SMoA on a ``torch.nn.Linear`` (or a ``transformers`` ``Conv1D`` with ``fan_in_fan_out=True``)."""
 
@@ -522,7 +394,7 @@ class Linear(nn.Module, SMoALayer):
         self.is_target_conv_1d_layer = is_target_conv_1d_layer
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha, config=config)
-        self.register_state_dict_post_hook(_save_unmerged_base_weight)
+        self.register_state_dict_post_hook(save_unmerged_base_weight)
 
     def _check_forward_args(self, x: torch.Tensor, adapter_names) -> None:
         """LoRA's checks for a mixed-adapter batch (``adapter_names``: one name or ``"__base__"`` per sample)."""
@@ -580,7 +452,7 @@ class Linear(nn.Module, SMoALayer):
                 )
             self._orders(name)  # an adapter without orders refuses, whichever path computes the output
         # adapters whose term is zero by construction (B = 0): the output is the one without them, bit for bit; their
-        # factors still get the gradient of the full forward (see smoa.layer.value_with_gradient_of)
+        # factors still get the gradient of the full forward (see smoa.factors.value_with_gradient_of)
         zero = [name for name in active if self._B_known_zero(name)]
         if not zero:
             return self._adapters_forward(x, active, args, kwargs)
@@ -626,15 +498,6 @@ class Linear(nn.Module, SMoALayer):
 
     def __repr__(self) -> str:
         return "smoa." + super().__repr__()
-
-
-def _save_unmerged_base_weight(module: Linear, state_dict, prefix: str, local_metadata) -> None:
-    """``state_dict()`` of a merged layer saves the original W0 (with the factors), so that loading it into a fresh
-    model does not apply the update twice."""
-    key = prefix + "base_layer.weight"
-    if module.merged and key in state_dict:
-        original = module._original_weight()
-        state_dict[key] = (original.T if module.fan_in_fan_out else original).clone()
 
 
 def dispatch_default(target: nn.Module, adapter_name: str, config: SMoAConfig, **kwargs) -> nn.Module | None:
