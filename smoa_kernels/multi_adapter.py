@@ -21,8 +21,9 @@ Paths (``backend=``):
   of one segment, programs of one output tile adjacent so that W0's tile is read from HBM once and from L2 by the
   others; the ΔW_a tile is generated in registers from the W0 tile as in the single-adapter fused kernel. Forward
   only: refused (``ValueError``) when autograd would need a gradient — use ``backend="torch"`` for that.
-* ``"auto"`` — triton for CUDA tensors when no gradient is needed, the factors' block-extended rank fits the kernel
-  and N ≤ :data:`TRITON_MAX_TOKENS`; torch otherwise.
+* ``"auto"`` — for CUDA tensors when no gradient is needed and the kernel serves the factors' block-extended rank,
+  whichever of the two :mod:`smoa_kernels.cost_model_multi` estimates faster for N tokens over T adapters (host
+  arithmetic, no sync); torch otherwise.
 
 Bad ``adapter_index``: a wrong dtype (not int32/int64), shape (not ``x.shape[:-1]``) or device raises before anything
 runs. Values outside ``[-1, T)``: with ``check_index=True`` (the default for CPU tensors, where the check costs no
@@ -41,7 +42,6 @@ import torch.nn.functional as F
 from smoa_kernels.reference import smoa_linear_reference
 
 __all__ = [
-    "TRITON_MAX_TOKENS",
     "AdapterFactors",
     "AdapterSegments",
     "MultiAdapterBank",
@@ -52,9 +52,6 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "torch", "triton")
-# Above this many tokens "auto" takes the torch path: the fused kernel regenerates every ΔW_a tile once per token
-# tile of a segment, which stops paying when the base GEMM's FLOPs dominate (smoa_kernels.cost_model_multi).
-TRITON_MAX_TOKENS = 512
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -333,6 +330,19 @@ def _needs_grad(x, bias, bank: MultiAdapterBank) -> bool:
     return any(t.requires_grad for t in tensors)
 
 
+def _cheaper_path(n_tokens: int, bank: MultiAdapterBank, element_bytes: int, device: torch.device) -> str:
+    """``"triton"`` or ``"torch"``, whichever :mod:`smoa_kernels.cost_model_multi` estimates faster for N tokens over
+    the bank's T adapters (host arithmetic only: N and T are known without reading the index)."""
+    from smoa_kernels import cost_model, cost_model_multi
+
+    gpu = cost_model.gpu_class_for(torch.cuda.get_device_name(device)) if device.type == "cuda" else "h100"
+    d_out, d_in = bank.weight.shape
+    args = (n_tokens, bank.num_adapters, d_out, d_in, bank.rank * bank.num_blocks, bank.num_blocks, element_bytes,
+            gpu)  # fmt: skip
+    fused = cost_model_multi.estimate("multi-fused", *args)
+    return "triton" if fused <= cost_model_multi.estimate("multi-torch", *args) else "torch"
+
+
 def multi_adapter_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -400,8 +410,8 @@ def multi_adapter_linear(
         from smoa_kernels.triton import multi_adapter as triton_multi
 
         chosen = "torch"
-        if x.is_cuda and not grad and x2.shape[0] <= TRITON_MAX_TOKENS and triton_multi.serves(bank, x.dtype)[0]:
-            chosen = "triton"
+        if x.is_cuda and not grad and x2.shape[0] and triton_multi.serves(bank, x.dtype)[0]:
+            chosen = _cheaper_path(x2.shape[0], bank, x.element_size(), x.device)
     if chosen == "triton":
         from smoa_kernels.triton import multi_adapter as triton_multi
 
