@@ -328,3 +328,15 @@ def test_compile_gate_captures_the_multi_adapter_launch():
     assert cap.error == "" and [launch.name for launch in cap.launches] == ["multi_gemm"]
     jobs = kr.build_jobs([cap], quick=True, archs=(80,))
     assert len(jobs) == 1 and jobs[0].programs >= 2 * (2 + 3 + 2)  # 2 output tiles × (cdiv(20, 16) + 5 segments)
+
+
+def test_bench_provider_matches_its_oracle():
+    pytest.importorskip("peft")
+    from smoa.bench import TOLERANCES, BenchInputs, build_case
+    from smoa.bench.providers_multi import SMOA_MULTI
+
+    inputs = BenchInputs.make(48, 64, 27, torch.float32, "cpu")
+    case = build_case(SMOA_MULTI, inputs, 4, 2)
+    error, _ = case.check()
+    assert error <= TOLERANCES[torch.float32]
+    assert case.step("inference")().shape == (27, 64)
