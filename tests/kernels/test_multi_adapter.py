@@ -340,3 +340,19 @@ def test_bench_provider_matches_its_oracle():
     error, _ = case.check()
     assert error <= TOLERANCES[torch.float32]
     assert case.step("inference")().shape == (27, 64)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="torch.compile of the Triton custom op needs real device pointers (a GPU)")
+def test_triton_path_under_torch_compile():
+    layer = _layer(24, 64, 48, 2, (4, 4, 2))
+    index = torch.tensor([2, 0, -1, 1] * 6, device=DEVICE)
+    dev = _cast(layer, torch.float16, torch.float32)
+    bank = MultiAdapterBank.build(dev["weight"], dev["adapters"], dev["row_order"], dev["col_order"], 2)
+
+    def call(x, idx):
+        return bank(x, dev["bias"], idx, backend="triton")
+
+    with torch.no_grad():
+        eager = call(dev["x"], index)
+        compiled = torch.compile(call)(dev["x"], index)  # (not run on a GPU yet: graph breaks allowed)
+    torch.testing.assert_close(compiled, eager)
