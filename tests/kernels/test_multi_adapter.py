@@ -356,3 +356,14 @@ def test_triton_path_under_torch_compile():
         eager = call(dev["x"], index)
         compiled = torch.compile(call)(dev["x"], index)  # (not run on a GPU yet: graph breaks allowed)
     torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_batch_and_rank_zero_adapter(backend):
+    layer = _layer(0, 24, 20, 2, (0, 2))
+    y, _ = _run(layer, torch.zeros(0, dtype=torch.int64), torch.float32, torch.float32, backend)
+    assert y.shape == (0, 24)
+    layer = _layer(5, 24, 20, 2, (0, 2))  # adapter 0 has r_k = 0: it contributes nothing (SPEC §6)
+    index = torch.tensor([0, 1, 0, -1, 1])
+    y, _ = _run(layer, index, torch.float32, torch.float32, backend)
+    _check(layer, index, y, torch.float32, torch.float32)
