@@ -52,6 +52,7 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "torch", "triton")
+BASE_NAME = "__base__"  # PEFT's name for "no adapter" in adapter_names=
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -175,6 +176,7 @@ class MultiAdapterBank:
     lora_B: list[torch.Tensor]  # d_out × r_max each
     scales: list[float]
     rank: int  # r_max, the largest r_k
+    names: tuple[str, ...] | None = None  # adapter names, when built from a mapping name -> factors
     _triton_operands: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -210,8 +212,17 @@ class MultiAdapterBank:
                 raise ValueError(f"{name} is on {order.device} but weight is on {weight.device}")
             if not torch.equal(order.sort().values, torch.arange(n, device=order.device)):
                 raise ValueError(f"{name} is not a permutation of range({n})")
+        names = None
+        if isinstance(adapters, Mapping) and adapters and all(isinstance(k, str) for k in adapters):
+            names = tuple(adapters)
+            if BASE_NAME in names:
+                raise ValueError(f"{BASE_NAME!r} is reserved for base-only tokens; it cannot name an adapter")
+            adapters = list(adapters.values())
         if isinstance(adapters, (torch.Tensor, Mapping)) or not isinstance(adapters, Sequence) or not adapters:
-            raise TypeError("adapters must be a non-empty sequence of AdapterFactors (or a MultiAdapterBank)")
+            raise TypeError(
+                "adapters must be a non-empty sequence of AdapterFactors, a mapping name -> AdapterFactors, or a "
+                "MultiAdapterBank"
+            )
         factors = [_as_factors(a, i) for i, a in enumerate(adapters)]
         dtype = factors[0].lora_A.dtype
         rank = max(f.lora_A.shape[0] if f.lora_A.dim() == 2 else 0 for f in factors)
@@ -263,7 +274,24 @@ class MultiAdapterBank:
             As.append(A)
             Bs.append(B)
             scales.append(float(scale))
-        return cls(weight, row_order, col_order, num_blocks, As, Bs, scales, rank)
+        return cls(weight, row_order, col_order, num_blocks, As, Bs, scales, rank, names)
+
+    def index_for(self, adapter_names: Sequence[str], shape: Sequence[int], device=None) -> torch.Tensor:
+        """The int64 ``adapter_index`` of shape ``shape`` (x.shape[:-1], batch first) for PEFT-style per-sample
+        ``adapter_names`` (one name per batch row; ``"__base__"`` → -1 = base only), for a bank built from a mapping
+        name -> factors. Unknown names raise, naming them. Host-side (a list of names); one small copy to ``device``."""
+        if self.names is None:
+            raise ValueError("this MultiAdapterBank was built from a sequence, not a mapping name -> factors")
+        shape = tuple(int(s) for s in shape)
+        if not shape or len(adapter_names) != shape[0]:
+            raise ValueError(f"{len(adapter_names)} adapter names for a batch of shape {shape}: one name per row")
+        position = {name: i for i, name in enumerate(self.names)}
+        unknown = sorted({n for n in adapter_names if n != BASE_NAME and n not in position})
+        if unknown:
+            raise ValueError(f"adapter names {unknown} are not in this bank ({list(self.names)})")
+        rows = torch.tensor([-1 if n == BASE_NAME else position[n] for n in adapter_names], dtype=torch.int64)
+        rows = rows.to(device if device is not None else self.weight.device)
+        return rows.view(-1, *([1] * (len(shape) - 1))).expand(shape).contiguous()
 
     def __call__(self, x, bias, adapter_index, *, segments=None, backend="auto", check_index=None):
         """:func:`multi_adapter_linear` with this bank's layer and adapters."""

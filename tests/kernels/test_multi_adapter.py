@@ -367,3 +367,18 @@ def test_empty_batch_and_rank_zero_adapter(backend):
     index = torch.tensor([0, 1, 0, -1, 1])
     y, _ = _run(layer, index, torch.float32, torch.float32, backend)
     _check(layer, index, y, torch.float32, torch.float32)
+
+
+def test_bank_from_named_adapters_maps_peft_adapter_names():
+    layer = _layer(6, 24, 20, 2, (2, 2))
+    dev = _cast(layer, torch.float32, torch.float32)
+    named = {"fr": dev["adapters"][0], "de": dev["adapters"][1]}
+    bank = MultiAdapterBank.build(dev["weight"], named, dev["row_order"], dev["col_order"], 2)
+    index = bank.index_for(["de", "__base__", "fr"], (3, 2))
+    assert index.tolist() == [[1, 1], [-1, -1], [0, 0]]
+    y = bank(dev["x"].view(3, 2, 20), dev["bias"], index)
+    _check(layer, index.reshape(-1), y.reshape(6, 24).double(), torch.float32, torch.float32)
+    with pytest.raises(ValueError, match=r"adapter names \['es'\] are not in this bank"):
+        bank.index_for(["es", "fr", "fr"], (3, 2))
+    with pytest.raises(ValueError, match="'__base__' is reserved"):
+        MultiAdapterBank.build(dev["weight"], {"__base__": named["fr"]}, dev["row_order"], dev["col_order"], 2)
