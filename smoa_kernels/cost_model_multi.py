@@ -6,12 +6,12 @@ launch_us``). Tokens are spread evenly, ``n_a = N / T`` per adapter (uneven spre
 on short segments). Methods, forward only (inference), for a ``d_out × d_in`` layer, total rank r, K blocks:
 
 - ``base``: the frozen layer alone, ``x W0ᵀ`` once (vendor GEMM): the 1.0 line.
-- ``multi-fused``: :mod:`smoa_kernels.triton.multi_adapter`, one launch. Each segment is cut into token tiles of
-  BLOCK_N (16, or 32 for segments longer than 64 tokens); every tile runs the base dot and the adapter dot over its
-  padded tokens (2 · 2·BLOCK_N·D² FLOPs) and regenerates the ΔW_a tiles (the rank product, 2·RANK_PAD·D² FLOPs,
-  RANK_PAD = K·r_k padded to a power of two ≥ 16), at the Triton efficiency. Bytes: W0 once (the programs of one
-  output tile run adjacently and share it through L2 — an assumption to be measured), x, y, and each adapter's
-  block-extended factors once.
+- ``multi-fused``: :mod:`smoa_kernels.triton.multi_adapter`, one launch. Each segment is cut into token tiles of BLOCK_N
+  (the cheaper of the shipped 16 and 32, as the autotuner would pick); every tile runs the base dot and the adapter dot
+  over its padded tokens (2 · 2·BLOCK_N·D² FLOPs) and regenerates the ΔW_a tiles (the rank product, 2·RANK_PAD·D² FLOPs,
+  RANK_PAD = K·r_k padded to a power of two ≥ 16), at the Triton efficiency. Bytes: W0 once (the programs of one output
+  tile run adjacently and share it through L2 — an assumption to be measured), x, y, and each adapter's block-extended
+  factors once.
 - ``multi-torch``: the torch path: the base GEMM once for all tokens (vendor), then per adapter the blocked adapter
   term (:mod:`smoa_kernels.cost_model`'s ``smoa-blocked`` forward minus its base GEMM: gather, ΔW_k generation
   — D²/K elements written and read per adapter —, K block GEMMs on n_a tokens, scatter-add) plus one segment-table
@@ -41,15 +41,12 @@ METHODS = ("base", "multi-fused", "multi-torch", "sequential", "peft-lora-mixed"
 ADAPTER_COUNTS = (1, 2, 4, 8, 16, 32)
 TOKEN_COUNTS = (64, 2048)
 BLOCKS = (2, 4)
+BLOCK_NS = (16, 32)  # the token tiles of smoa_kernels.triton.multi_adapter.CONFIGS
 LABEL = "ESTIMATE from smoa_kernels.cost_model_multi (a model, not a measurement)"
 
 
 def _rank_pad(rank: int) -> int:
     return max(16, 1 << max(rank - 1, 0).bit_length())
-
-
-def _block_n(n_a: float) -> int:
-    return 16 if n_a <= 64 else 32
 
 
 def passes(method: str, n_tokens: int, n_adapters: int, d_out: int, d_in: int, rank: int, num_blocks: int,
@@ -70,12 +67,15 @@ def passes(method: str, n_tokens: int, n_adapters: int, d_out: int, d_in: int, r
     if method == "base":
         out = [cm._gemm("base GEMM x·W0ᵀ", n_tokens, d_out, d_in, e)]
     elif method == "multi-fused":
-        block_n = _block_n(n_a)
-        tiles = T * math.ceil(n_a / block_n)
         pad = _rank_pad(num_blocks * r_k)
-        flops = tiles * (2 * 2.0 * block_n * w + 2.0 * pad * w)
         data = e * (w + n_tokens * (d_in + d_out)) + T * e * pad * (d_in + d_out)
-        out = [cm.Pass("multi-adapter fused GEMM (all segments, ΔW_a in registers)", "triton", flops, data)]
+        candidates = []
+        for block_n in BLOCK_NS:  # the autotuner picks among the shipped token tiles: the cheaper one is modelled
+            tiles = T * math.ceil(n_a / block_n)
+            flops = tiles * (2 * 2.0 * block_n * w + 2.0 * pad * w)
+            name = f"multi-adapter fused GEMM (all segments, ΔW_a in registers, BLOCK_N={block_n})"
+            candidates.append(cm._timed(cm.Pass(name, "triton", flops, data), g, e))
+        out = [min(candidates, key=lambda p: p.seconds)]
     elif method == "multi-torch":
         out = [
             cm._gemm("base GEMM x·W0ᵀ (all tokens)", n_tokens, d_out, d_in, e),
