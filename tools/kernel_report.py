@@ -241,6 +241,76 @@ def capture(scenario: Scenario, path: str | None, keyword: str | None) -> Captur
     return result
 
 
+@dataclasses.dataclass(frozen=True)
+class MultiScenario(Scenario):
+    """One forward of ``smoa_kernels.multi_adapter.multi_adapter_linear(backend="triton")`` (inference, no backward)
+    with ``adapters`` distinct adapters of total rank ``rank`` and a random index over them and -1 (base only)."""
+
+    adapters: int = 16
+
+
+# The multi-adapter fused forward (small N: decode and short prefill), captured like the entry point's launches.
+MULTI_SCENARIOS = (
+    MultiScenario("multi-adapter decode N=64 T=16 K=2", n_tokens=64),
+    MultiScenario("multi-adapter decode N=64 T=16 K=4", n_tokens=64, num_blocks=4),
+    MultiScenario("multi-adapter N=256 T=4 K=2 bias", n_tokens=256, adapters=4, bias=True),
+    MultiScenario("multi-adapter N=1 T=1 K=2", n_tokens=1, adapters=1),
+    MultiScenario("multi-adapter fp32 N=64 T=8", dtype="fp32", n_tokens=64, adapters=8),
+    MultiScenario("multi-adapter fp16 N=64 T=8", dtype="fp16", factor_dtype="fp16", n_tokens=64, adapters=8),
+    MultiScenario("multi-adapter r=64 N=64 T=8", n_tokens=64, adapters=8, rank=64),
+    MultiScenario(
+        "multi-adapter odd 37x(136->200) K=3 T=3",
+        n_tokens=37,
+        d_out=200,
+        d_in=136,
+        rank=12,
+        num_blocks=3,
+        adapters=3,
+        aligned=False,
+    ),
+)
+
+
+def capture_multi(scenario: MultiScenario) -> Capture:
+    """The launches of one multi-adapter forward (see :class:`MultiScenario`)."""
+    from smoa_kernels.multi_adapter import AdapterFactors, multi_adapter_linear
+    from smoa_kernels.triton import configs
+
+    result = Capture(scenario, "multi")
+    s = scenario
+    dtype, fdtype = DTYPES[s.dtype], DTYPES[s.factor_dtype]
+    gen = torch.Generator().manual_seed(0)
+    r_k = s.rank // s.num_blocks
+    x = torch.randn(s.n_tokens, s.d_in, generator=gen).to(dtype)
+    weight = torch.randn(s.d_out, s.d_in, generator=gen).to(dtype)
+    bias = torch.randn(s.d_out, generator=gen).to(dtype) if s.bias else None
+    adapters = [
+        AdapterFactors(
+            torch.randn(r_k, s.d_in, generator=gen).to(fdtype), torch.randn(s.d_out, r_k, generator=gen).to(fdtype), 2.0
+        )
+        for _ in range(s.adapters)
+    ]
+    index = torch.randint(-1, s.adapters, (s.n_tokens,), generator=gen)
+    row_order, col_order = torch.randperm(s.d_out, generator=gen), torch.randperm(s.d_in, generator=gen)
+    interpret = os.environ.get("TRITON_INTERPRET")
+    try:
+        os.environ["TRITON_INTERPRET"] = "1"
+        with configs.capture_launches() as launches, _NoVendorCompute(), torch.no_grad():
+            multi_adapter_linear(x, weight, bias, adapters, index, row_order, col_order, s.num_blocks,
+                                 backend="triton")  # fmt: skip
+        result.launches = list(launches)
+    except ValueError as error:
+        result.offered, result.error = False, f"not offered: {error}"
+    except Exception as error:  # a gate failure: the multi-adapter forward cannot run this scenario
+        result.error = f"{type(error).__name__}: {error}"
+    finally:
+        if interpret is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = interpret
+    return result
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Jobs: one (launch specialisation, config, arch) each, bound through Triton's JIT binder
 # ---------------------------------------------------------------------------------------------------------------------
@@ -720,13 +790,15 @@ def format_estimates(est: dict) -> str:
     return "\n".join(lines)
 
 
-def report(quick: bool = False, workers: int = 2, archs=ARCHS, scenarios=SCENARIOS, log=print) -> dict:
+def report(quick: bool = False, workers: int = 2, archs=ARCHS, scenarios=SCENARIOS, log=print,
+           multi_scenarios=MULTI_SCENARIOS) -> dict:  # fmt: skip
     """Capture, compile, read, gate: the whole report as a dict (``failed``: the gate's verdict)."""
     import triton
 
     start = time.time()
     keyword, values = dispatch_keyword()
     captures = [capture(s, v, keyword) for s in scenarios for v in values]
+    captures += [capture_multi(s) for s in multi_scenarios]
     jobs = build_jobs(captures, quick, archs)
     log(f"kernel_report: {sum(len(c.launches) for c in captures)} launches captured from {len(captures)} calls "
         f"({keyword}={values}) in {time.time() - start:.0f} s; {len(jobs)} compiles")  # fmt: skip

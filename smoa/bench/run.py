@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-# the provider modules beside the core one register into smoa.bench.registry on import: 4-bit bases, PEFT HiRA
-from smoa.bench import providers_bnb, providers_hira  # noqa: F401
+# the provider modules beside the core one register into smoa.bench.registry on import: 4-bit bases, PEFT HiRA,
+# many adapters in one batch
+from smoa.bench import providers_bnb, providers_hira, providers_multi  # noqa: F401
 from smoa.bench.flops import FLOOR_TABLE, MODES, flop_floor
 from smoa.bench.measure import cpu_samples, peak_memory, time_callable, timing_from_samples
 from smoa.bench.progress import progress_bar

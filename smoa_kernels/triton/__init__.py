@@ -27,6 +27,7 @@ validation, dispatch, entry point). Run the kernels on the CPU with ``TRITON_INT
 there); the mode is read at launch, never at import.
 """
 
+from smoa_kernels.triton import multi_adapter  # noqa: F401  (registers the multi-adapter kernel with configs)
 from smoa_kernels.triton.configs import FP32_DOT_PRECISION, KERNEL_CONFIGS, config_dtypes, config_meta, default_config
 from smoa_kernels.triton.function import PATHS, SMoATritonFunction, is_available, resolve_path, smoa_linear_triton
 
