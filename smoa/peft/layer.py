@@ -28,7 +28,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from peft.utils.integrations import gather_params_ctx
 from transformers.pytorch_utils import Conv1D
 
-from smoa.backends import smoa_linear
+from smoa.backends import resolve_backend, smoa_linear
 from smoa.checkpoint import (
     check_order,
     partition_info,
@@ -43,6 +43,7 @@ from smoa.factors import (
     zero_rank_rows,
 )
 from smoa.merge import MergeRecord, exact_merge, exact_unmerge, smoa_modulation
+from smoa.multi import peft_layer_bank
 from smoa.partition import compute_orders
 from smoa.peft.state import (
     OrderDict,
@@ -412,7 +413,11 @@ class Linear(nn.Module, SMoALayer):
             )
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
-        """Each sub-batch sharing an adapter name goes through that adapter (``"__base__"``: the base layer)."""
+        """Each sample through its adapter (``"__base__"`` or a name this layer does not hold: the base layer): in one
+        pass over W0 for all of them where :meth:`_one_pass_forward` can, else sub-batch by sub-batch."""
+        one_pass = self._one_pass_forward(x, adapter_names, args, kwargs)
+        if one_pass is not None:
+            return one_pass
         result = self.base_layer(x, *args, **kwargs)
         weight = self._base_weight()
         for name in dict.fromkeys(adapter_names):
@@ -428,6 +433,32 @@ class Linear(nn.Module, SMoALayer):
             )  # fmt: skip
             result = result.index_copy(0, index, out.to(result.dtype))
         return result
+
+    def _one_pass_forward(self, x: torch.Tensor, adapter_names, args, kwargs) -> torch.Tensor | None:
+        """A mixed batch through :mod:`smoa_kernels.multi_adapter`'s Triton kernel — W0 read once for every adapter
+        in the batch — when the ``triton`` backend computes this layer, the batch needs no gradient and no dropout,
+        and the named adapters share one K and one pair of orders (:func:`smoa.multi.peft_layer_bank`); ``None``
+        otherwise (the per-sub-batch route, which gives the same outputs to rounding)."""
+        base = self.get_base_layer()
+        if args or kwargs or self.fan_in_fan_out or type(base) is not nn.Linear or x.dim() < 2:
+            return None
+        names = [name for name in dict.fromkeys(adapter_names) if name in self.smoa_A]
+        if not names or resolve_backend(None, x.device) != "triton" or x.dtype != base.weight.dtype:
+            return None
+        if torch.is_grad_enabled() and (x.requires_grad or any(
+            self.smoa_A[name].weight.requires_grad or self.smoa_B[name].weight.requires_grad for name in names
+        )):  # fmt: skip
+            return None  # the kernel is forward only: training takes the sub-batch route (autograd)
+        if any(self.training and isinstance(self.smoa_dropout[name], nn.Dropout) for name in names):
+            return None  # dropout on each adapter's input: the sub-batch route applies it
+        if any(0 in self.block_ranks[name] for name in names):
+            return None  # rows of an r_k = 0 block are the base output bit for bit there (non-finite inputs)
+        bank = peft_layer_bank(self, names, base.weight)
+        if bank is None:
+            return None
+        held = set(names)
+        index = bank.index_for([name if name in held else "__base__" for name in adapter_names], x.shape[:-1])
+        return bank(x, base.bias, index, backend="triton")
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
