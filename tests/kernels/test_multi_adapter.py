@@ -382,3 +382,20 @@ def test_bank_from_named_adapters_maps_peft_adapter_names():
         bank.index_for(["es", "fr", "fr"], (3, 2))
     with pytest.raises(ValueError, match="'__base__' is reserved"):
         MultiAdapterBank.build(dev["weight"], {"__base__": named["fr"]}, dev["row_order"], dev["col_order"], 2)
+
+
+def test_every_shipped_multi_config_is_correct(monkeypatch):
+    """Each config of the multi-adapter kernel (not only the interpreter's default) computes the same function."""
+    from smoa_kernels.triton import configs
+    from smoa_kernels.triton.multi_adapter import KERNEL
+
+    layer = _layer(41, 40, 72, 2, (4, 2, 4), seed=9)
+    index = torch.randint(-1, 3, (41,), generator=torch.Generator().manual_seed(seeded(9)))
+    default = configs.default_config
+    for entry in configs.KERNEL_CONFIGS[KERNEL]:
+        monkeypatch.setattr(configs, "default_config", lambda name, dtype, e=entry: e if name == KERNEL else
+                            default(name, dtype))  # fmt: skip
+        dtype = torch.float32 if "fp32" in configs.config_dtypes(entry) else torch.float16
+        if dtype in TRITON_DTYPES:
+            y, _ = _run(layer, index, dtype, torch.float32, "triton")
+            _check(layer, index, y, dtype, torch.float32)
