@@ -321,12 +321,12 @@ def multi_adapter_reference(x, weight, bias, adapters, adapter_index, row_order,
 def multi_adapter_torch(x2, weight, bias, bank: MultiAdapterBank, segments: AdapterSegments) -> torch.Tensor:
     """The torch path on 2-D ``x2`` (module docstring). Precision as :mod:`smoa_kernels.reference`: base in x's
     dtype, each adapter term in the factors' dtype, cast and added."""
-    y = F.linear(x2, weight, bias)
+    y = F.linear(x2, weight, bias)  # updated in place below (linear's backward does not read its output)
     offsets = segments.host_offsets()
     T = bank.num_adapters
     poison = segments.perm[offsets[T + 1] : offsets[T + 2]]
     if poison.numel():
-        y = y.index_fill(0, poison, float("nan"))
+        y.index_fill_(0, poison, float("nan"))
     if offsets[T + 1] == offsets[1]:  # no adapter token
         return y
     K = bank.num_blocks
@@ -347,7 +347,7 @@ def multi_adapter_torch(x2, weight, bias, bank: MultiAdapterBank, segments: Adap
             parts.append(xs.index_select(1, C_k) @ (delta.T * s))
         z = torch.cat(parts, 1)  # columns in the order of cat(R_1..R_K) = row_order
         adapter = z.new_zeros(z.shape).index_copy(1, bank.row_order, z)
-        y = y.index_add(0, tokens, adapter.to(y.dtype))
+        y.index_add_(0, tokens, adapter.to(y.dtype))
     return y
 
 

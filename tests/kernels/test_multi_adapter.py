@@ -122,6 +122,9 @@ CASES = [
     ("N = 1", 1, 48, 40, 4, (2, 2), [1]),
     ("base only", 5, 24, 20, 2, T3, [-1] * 5),
     ("r_k differ (2, 4, 1)", 9, 36, 44, 2, (2, 4, 1), [2, 1, 0, 0, 1, 2, 1, -1, 0]),
+    # K·r_k = 32: the Triton kernel's block-extended rank pad above the minimum of 16
+    ("K=2 r_k=16 (rank pad 32)", 11, 40, 56, 2, (16, 16, 8), [2, 0, -1, 1, 1, 0, 2, 0, 0, 1, -1]),
+    ("K=4 r_k=8 (rank pad 32)", 7, 36, 70, 4, (8, 8), [1, 0, 0, -1, 1, 1, 0]),
 ]
 IDS = [c[0] for c in CASES]
 
@@ -174,9 +177,10 @@ def test_segments_table():
     assert compiled(index).tolist() == seg.offsets.tolist()
 
 
+@pytest.mark.parametrize("ranks", [(4, 4), (16, 16)], ids=["rank pad 16", "rank pad 32"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_out_of_range_index_errors_or_poisons(backend):
-    layer = _layer(6, 40, 32, 2, (4, 4))
+def test_out_of_range_index_errors_or_poisons(backend, ranks):
+    layer = _layer(6, 40, 32, 2, ranks)
     good = torch.tensor([0, 1, -1, 1, 0, 0], dtype=torch.int32)
     bad = torch.tensor([0, 5, -1, 1, -3, 0], dtype=torch.int32)
     with pytest.raises(ValueError, match=r"adapter_index\[1\] = 5 is out of range"):
@@ -222,7 +226,7 @@ def test_refusals_name_the_argument():
     with pytest.raises(ValueError, match=r"adapters\[0\].block_ranks=\(1, 3\)"):
         MultiAdapterBank.build(W, [AdapterFactors(A, B, block_ranks=(1, 3))], ro, co, 2)
     index = torch.tensor([0, 1, 1, -1], device=DEVICE)
-    big = [(torch.zeros(40, 20, device=DEVICE), torch.zeros(24, 40, device=DEVICE))]
+    big = [(torch.zeros(40, 20, device=DEVICE), torch.zeros(24, 40, device=DEVICE))]  # K·r_k = 80: pad 128
     with pytest.raises(ValueError, match="rank pad of 128 > 64"):
         with torch.no_grad():
             multi_adapter_linear(dev["x"], W, None, big, index.clamp(max=0), ro, co, 2, backend="triton")
@@ -382,3 +386,20 @@ def test_bank_from_named_adapters_maps_peft_adapter_names():
         bank.index_for(["es", "fr", "fr"], (3, 2))
     with pytest.raises(ValueError, match="'__base__' is reserved"):
         MultiAdapterBank.build(dev["weight"], {"__base__": named["fr"]}, dev["row_order"], dev["col_order"], 2)
+
+
+def test_every_shipped_multi_config_is_correct(monkeypatch):
+    """Each config of the multi-adapter kernel (not only the interpreter's default) computes the same function."""
+    from smoa_kernels.triton import configs
+    from smoa_kernels.triton.multi_adapter import KERNEL
+
+    layer = _layer(41, 40, 72, 2, (4, 2, 4), seed=9)
+    index = torch.randint(-1, 3, (41,), generator=torch.Generator().manual_seed(seeded(9)))
+    default = configs.default_config
+    for entry in configs.KERNEL_CONFIGS[KERNEL]:
+        monkeypatch.setattr(configs, "default_config", lambda name, dtype, e=entry: e if name == KERNEL else
+                            default(name, dtype))  # fmt: skip
+        dtype = torch.float32 if "fp32" in configs.config_dtypes(entry) else torch.float16
+        if dtype in TRITON_DTYPES:
+            y, _ = _run(layer, index, dtype, torch.float32, "triton")
+            _check(layer, index, y, dtype, torch.float32)
