@@ -3,7 +3,8 @@
 1. the GPU-only tests: ``pytest tests/kernels`` (they skip on a CPU; on a GPU they add bf16, large shapes,
    torch.compile and autocast);
 2. ``smoa bench`` at the canonical shapes: 4096×4096, N ∈ {256, 2048, 8192}, r = 32, K ∈ {2, 4}, bf16, providers
-   frozen, lora-eq, hira, reference, smoa-torch and every ``smoa-triton*`` provider registered, modes full + inference,
+   frozen, lora-eq, hira, reference, smoa-torch, smoa-multi (8 adapters in one batch) and every ``smoa-triton*``
+   provider registered, modes full + inference,
    with peak memory — CSV, PNG and JSON (GPU name, driver, versions) under ``benchmarks/results/gpu-<name>-<date>/``;
 3. a 10-line summary comparing the measured times with the cost model (:mod:`smoa_kernels.cost_model`): the ratio
    measured / model per row, rows that miss by more than 30% flagged (the model is fixed before it is used again).
@@ -35,7 +36,7 @@ CANONICAL = {"dtype": "bfloat16", "shapes": ((4096, 4096),), "tokens": (256, 204
              "blocks": (2, 4), "min_time": 0.05, "reps": 1}  # fmt: skip
 SMOKE = {"dtype": "float32", "shapes": ((64, 48),), "tokens": (16, 32), "ranks": (4,), "blocks": (2,),
          "min_time": 0.005, "reps": 1}  # fmt: skip
-BASE_PROVIDERS = ("frozen", "lora-eq", "hira", "reference", "smoa-torch")
+BASE_PROVIDERS = ("frozen", "lora-eq", "hira", "reference", "smoa-torch", "smoa-multi")
 MODES = ("full", "inference")
 MISS_THRESHOLD = 0.30  # |measured / model − 1| above this flags the row
 # Phase budgets (seconds), so that one slow phase cannot eat the others and the whole check fits 8 minutes on an H100
@@ -185,13 +186,24 @@ def model_comparison(rows: list[dict], gpu: str) -> list[dict]:
         if row.get("status") != "ok" or row.get("median_ms") is None:
             continue
         mode = "inference" if row["mode"] == "inference" else row["mode"]
-        method = _method(row["provider"], row.get("variant", ""), mode, row["N"], row["d_out"], row["d_in"],
-                         row["K"], gpu)  # fmt: skip
-        if method is None or mode not in cost_model.MODES:
-            continue
         element_bytes = 4 if row["dtype"] in ("float32", "fp32") else 2
-        model_ms = 1e3 * cost_model.estimate(method, mode, row["N"], row["d_out"], row["d_in"], row["r"], row["K"],
-                                             element_bytes, gpu)  # fmt: skip
+        if row["provider"] == "smoa-multi":  # forward only in the model: the cheaper path, as backend="auto" picks
+            if mode != "inference":
+                continue
+            from smoa.bench.providers_multi import MULTI_ADAPTERS
+            from smoa_kernels import cost_model_multi
+
+            method = "multi-adapter"
+            model_ms = 1e3 * min(cost_model_multi.estimate(m, row["N"], MULTI_ADAPTERS, row["d_out"], row["d_in"],
+                                                           row["r"], row["K"], element_bytes, gpu)
+                                 for m in ("multi-fused", "multi-torch"))  # fmt: skip
+        else:
+            method = _method(row["provider"], row.get("variant", ""), mode, row["N"], row["d_out"], row["d_in"],
+                             row["K"], gpu)  # fmt: skip
+            if method is None or mode not in cost_model.MODES:
+                continue
+            model_ms = 1e3 * cost_model.estimate(method, mode, row["N"], row["d_out"], row["d_in"], row["r"],
+                                                 row["K"], element_bytes, gpu)  # fmt: skip
         ratio = row["median_ms"] / model_ms
         out.append({"provider": row["provider"], "variant": row.get("variant", ""), "mode": row["mode"],
                     "N": row["N"], "K": row["K"], "method": method, "measured_ms": row["median_ms"],

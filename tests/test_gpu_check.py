@@ -29,7 +29,9 @@ def test_smoke_run_writes_csv_png_json_and_a_ten_line_summary(tmp_path):
     )
     ok = [r for r in rows if r["status"] == "ok"]
     assert ok and all(r["median_ms"] > 0 and r["peak_mem_mib"] is not None for r in ok)
-    assert len(written["model_comparison"]) == len(ok)
+    # every ok row is modelled, but the multi-adapter training rows (the model of many adapters is forward only)
+    modelled = [r for r in ok if not (r["provider"] == "smoa-multi" and r["mode"] == "full")]
+    assert len(written["model_comparison"]) == len(modelled) and len(modelled) < len(ok)
     lines = (tmp_path / "summary.txt").read_text().splitlines()
     assert lines == data["lines"] and 5 <= len(lines) <= 12
     assert "CPU" in lines[0] and "not GPU figures" in lines[0]
