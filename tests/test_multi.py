@@ -22,7 +22,7 @@ import smoa_kernels.triton.multi_adapter as triton_multi
 from smoa.layer import SMoALinear
 from smoa.multi import adapter_bank
 from smoa.peft import SMoAConfig
-from tests.utils import seeded
+from tests.utils import Toy, seeded
 
 NAMES = ["first", "second", "third"]
 
@@ -44,17 +44,6 @@ def kernel_calls(monkeypatch):
 
     monkeypatch.setattr(triton_multi, "multi_adapter_forward", counting)
     return calls
-
-
-class Toy(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin0 = nn.Linear(13, 10)
-        self.act = nn.Tanh()
-        self.lin1 = nn.Linear(10, 7)
-
-    def forward(self, x):
-        return self.lin1(self.act(self.lin0(x)))
 
 
 def model_with_adapters(num_blocks=(2, 2, 2), ranks=(4, 2, 6), dropout=0.0):
@@ -82,7 +71,7 @@ def alone(model, x, adapter_names):
 
 
 def inputs(n=7, shape=()):
-    return torch.randn(n, *shape, 13, generator=torch.Generator().manual_seed(seeded(1)))
+    return torch.randn(n, *shape, 16, generator=torch.Generator().manual_seed(seeded(1)))
 
 
 MIXES = {
