@@ -193,7 +193,9 @@ def test_out_of_range_index_errors_or_poisons(backend, ranks):
     poisoned = torch.tensor([False, True, False, False, True, False])
     assert torch.isnan(y[poisoned]).all()
     assert not torch.isnan(y[~poisoned]).any()
-    torch.testing.assert_close(y[~poisoned], y_good[~poisoned])  # other segment sizes: other GEMM blockings
+    # other segment sizes give other GEMM blockings (another summation order): fp32 rounding of the output's scale
+    scale = float(y_good[~poisoned].abs().max())
+    torch.testing.assert_close(y[~poisoned], y_good[~poisoned], atol=TOL[torch.float32] * scale, rtol=0)
 
 
 def test_bad_index_dtype_shape_device():
@@ -288,7 +290,8 @@ def test_torch_path_under_torch_compile():
     with torch.no_grad():
         eager = call(dev["x"], index)
         compiled = torch.compile(call, backend="aot_eager")(dev["x"], index)
-    torch.testing.assert_close(compiled, eager)
+    # a compiled graph may decompose ops into another summation order: fp32 rounding of the output's scale
+    torch.testing.assert_close(compiled, eager, atol=TOL[torch.float32] * float(eager.abs().max()), rtol=0)
     _check(layer, index, compiled.double(), torch.float32, torch.float32)
 
 
@@ -359,7 +362,7 @@ def test_triton_path_under_torch_compile():
     with torch.no_grad():
         eager = call(dev["x"], index)
         compiled = torch.compile(call)(dev["x"], index)  # (not run on a GPU yet: graph breaks allowed)
-    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(compiled, eager, atol=TOL[torch.float16] * float(eager.abs().max()), rtol=0)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
