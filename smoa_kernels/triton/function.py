@@ -76,15 +76,22 @@ def resolve_path(
                                   gpu=_gpu_class(device))  # fmt: skip
 
 
-def _fused_operands(lora_A, lora_B, orders, num_blocks):
-    """The fused kernel's operands under the order guard: the factors times the order flag (1.0, or NaN for a
-    non-permutation order; r_k·D elements) and the block ids, all set to block 0 for a non-permutation order so that
-    the kernel's block mask cannot hide the NaN. No host sync."""
-    flag = orders.flag.to(lora_A.dtype)
+@functools.cache
+def _position_blocks(n: int, num_blocks: int, device: torch.device) -> torch.Tensor:
+    """Block id of each position of a sorted order (tensor_split bands); data-independent, made once per shape."""
+    return block_ids(torch.arange(n, device=device), num_blocks)
+
+
+def _fused_operands(orders, num_blocks):
+    """The fused kernel's block ids under the order guard: ``blk[order[p]] = block of p``, all set to block 0 for a
+    non-permutation order so that the kernel's block mask cannot hide the NaN the flag puts into the factors (pass
+    ``orders.flag`` to ``_gemm``). No host sync; 5 launches (one compare, a scatter and a select per order)."""
     ok = orders.flag == 1.0
-    blk_row = torch.where(ok, block_ids(orders.row, num_blocks), 0)
-    blk_col = torch.where(ok, block_ids(orders.col, num_blocks), 0)
-    return lora_A * flag, lora_B * flag, blk_row, blk_col
+    ids = []
+    for order in (orders.row, orders.col):
+        positions = _position_blocks(order.numel(), num_blocks, order.device)
+        ids.append(torch.where(ok, torch.empty_like(positions).scatter_(0, order, positions), 0))
+    return ids[0], ids[1]
 
 
 def _on_device(tensor: torch.Tensor):
@@ -131,9 +138,9 @@ def _forward_op(
             y, xa_bands = blocked.blocked_forward(x, x_adapter, weight, bias, lora_A, lora_B, orders, num_blocks,
                                                   scale)  # fmt: skip
             return y, xa_bands if save else x.new_empty(0)
-        lora_A, lora_B, blk_row, blk_col = _fused_operands(lora_A, lora_B, orders, num_blocks)
+        blk_row, blk_col = _fused_operands(orders, num_blocks)
         y = _gemm(x, x_adapter, weight, bias, lora_B, lora_A, blk_row, blk_col, scale,
-                  transpose=False, has_base=True, merged=merged, num_blocks=num_blocks)  # fmt: skip
+                  transpose=False, has_base=True, merged=merged, num_blocks=num_blocks, flag=orders.flag)  # fmt: skip
         if not save:
             return y, x.new_empty(0)
         return y, blocked.gather_bands(x if x_adapter is None else x_adapter, orders.col, num_blocks)
@@ -180,17 +187,20 @@ def _backward_op(
                 adapter_is_x=adapter_is_x, need_x=need_x, need_xa=need_xa,
             )  # fmt: skip
         elif need_x or need_xa:
-            fac_A, fac_B, blk_row, blk_col = _fused_operands(lora_A, lora_B, orders, num_blocks)
+            blk_row, blk_col = _fused_operands(orders, num_blocks)
+            flag = orders.flag
             if adapter_is_x:
                 if need_x:  # dx = dY W0 + s·dY ΔW in one pass over W0
-                    grad_x = _gemm(grad_out, None, weight, None, fac_A, fac_B, blk_col, blk_row, scale,
-                                   transpose=True, has_base=True, merged=merged, num_blocks=num_blocks)  # fmt: skip
+                    grad_x = _gemm(grad_out, None, weight, None, lora_A, lora_B, blk_col, blk_row, scale,
+                                   transpose=True, has_base=True, merged=merged, num_blocks=num_blocks,
+                                   flag=flag)  # fmt: skip
             else:
                 if need_x:
                     grad_x = grad_out @ weight
                 if need_xa:
-                    grad_xa = _gemm(grad_out, None, weight, None, fac_A, fac_B, blk_col, blk_row, scale,
-                                    transpose=True, has_base=False, merged=False, num_blocks=num_blocks)  # fmt: skip
+                    grad_xa = _gemm(grad_out, None, weight, None, lora_A, lora_B, blk_col, blk_row, scale,
+                                    transpose=True, has_base=False, merged=False, num_blocks=num_blocks,
+                                    flag=flag)  # fmt: skip
         grad_bias = grad_out.sum(0) if need_bias else None
         grad_A = grad_B = None
         if need_A or need_B:

@@ -29,6 +29,8 @@ docs/kernels.md, "The fused small-N kernel".
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from smoa_kernels.triton import configs
@@ -134,19 +136,41 @@ def _smoa_gemm_kernel(
     )
 
 
-def _block_factors(out_factor, red_factor, ids_out, ids_red, scale, num_blocks, rank_pad, dtype, red_pad):
+@functools.cache
+def _block_range(num_blocks: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(num_blocks, device=device, dtype=torch.int32)  # data-independent: made once per device
+
+
+@functools.cache
+def _zero(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.zeros((), dtype=dtype, device=device)  # the constant "else" of the block masks
+
+
+def _block_factors(out_factor, red_factor, ids_out, ids_red, scale, num_blocks, rank_pad, dtype, red_pad, flag=None):
     """The block-extended factors (module docstring): U (d_out × rank_pad), V (rank_pad × red_pad), contiguous, in
-    ``dtype``, with ``U V[:, :d_red] = s·(out_factor red_factor) ⊙ [ids_out == ids_red]`` and zeros elsewhere."""
+    ``dtype``, with ``U V[:, :d_red] = s·(out_factor red_factor) ⊙ [ids_out == ids_red]`` and zeros elsewhere.
+    ``flag`` (a 0-d tensor, 1.0 or NaN): multiplied into U (a NaN in every row of U makes every entry of U V NaN).
+
+    Launches: the scaled U source (one multiply, one cast to ``dtype`` if the factors are not in it), the V source's
+    cast likewise, one compare and one masked select per factor written straight into U / V; U / V are zero-filled
+    first only where they have padding (rank_pad > K·r_k, red_pad > d_red)."""
     d_out, rank = out_factor.shape
     d_red = red_factor.shape[1]
-    u = torch.zeros((d_out, rank_pad), dtype=dtype, device=out_factor.device)
-    v = torch.zeros((rank_pad, red_pad), dtype=dtype, device=out_factor.device)
+    device = out_factor.device
+    width = num_blocks * rank
+    alloc = torch.zeros if rank_pad > width else torch.empty
+    u = alloc((d_out, rank_pad), dtype=dtype, device=device)
+    alloc = torch.zeros if rank_pad > width or red_pad > d_red else torch.empty
+    v = alloc((rank_pad, red_pad), dtype=dtype, device=device)
     if rank:
-        blocks = torch.arange(num_blocks, device=out_factor.device, dtype=ids_out.dtype)
-        u_view = u[:, : num_blocks * rank].view(d_out, num_blocks, rank)
-        v_view = v[: num_blocks * rank, :d_red].view(num_blocks, rank, d_red)
-        u_view.copy_(torch.where((ids_out[:, None] == blocks)[:, :, None], out_factor[:, None, :] * scale, 0))
-        v_view.copy_(torch.where((ids_red[None, :] == blocks[:, None])[:, None, :], red_factor[None, :, :], 0))
+        blocks = _block_range(num_blocks, device)
+        zero = _zero(dtype, device)
+        source_u = out_factor * (scale if flag is None else flag * scale)
+        u_view = u[:, :width].view(d_out, num_blocks, rank)
+        v_view = v[:width, :d_red].view(num_blocks, rank, d_red)
+        torch.where((ids_out[:, None] == blocks)[:, :, None], source_u.to(dtype)[:, None, :], zero, out=u_view)
+        torch.where((ids_red[None, :] == blocks[:, None])[:, None, :], red_factor.to(dtype)[None, :, :], zero,
+                    out=v_view)  # fmt: skip
     return u, v
 
 
@@ -165,10 +189,12 @@ def _gemm(
     has_base: bool,
     merged: bool,
     num_blocks: int | None = None,
+    flag: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch ``_smoa_gemm_kernel``. ``transpose=False``: forward (weight d_out×d_in, out_factor B̂ d_out×r_k,
     red_factor Â r_k×d_in, ids = blk_row / blk_col). ``transpose=True``: dX (same tensors, read through swapped
     strides; pass Â, B̂, blk_col, blk_row). ``num_blocks`` (K): pass it to avoid a device-to-host sync (``ids.max()``).
+    ``flag``: the order guard's 0-d poison flag (1.0 or NaN), multiplied into the block-extended U.
 
     Per call (no per-tile work): the block-extended factors U, V (module docstring) in the activation dtype, and x /
     x_a made contiguous if their last stride is not 1 (N·d elements, small next to W0 at small N)."""
@@ -191,7 +217,7 @@ def _gemm(
     rank_pad = configs._rank_pad(num_blocks * rank)
     red_pad = -(-d_red // 16) * 16
     u, v = _block_factors(out_factor, red_factor, ids_out, ids_red, float(scale), num_blocks, rank_pad, x.dtype,
-                          red_pad)  # fmt: skip
+                          red_pad, flag)  # fmt: skip
     if x.stride(-1) != 1:
         x = x.contiguous()
     xa = x if x_adapter is None else (x_adapter if x_adapter.stride(-1) == 1 else x_adapter.contiguous())
