@@ -229,25 +229,25 @@ def _scatter(name: str, n: int, d: int, e: int, bias: bool) -> Pass:
 
 
 def _factor_permutes(d_out: int, d_in: int, r_k: int, k: int) -> list[Pass]:
-    """``permuted_factors``: Â[:, col_order] into the padded bands (its band index first), B̂[row_order]; fp32."""
+    """``permuted_factors``: Â[:, col_order] into the padded bands (through col_order's band index, made once per
+    step), B̂[row_order]; fp32. Once per step: the forward hands them to the backward."""
     from smoa_kernels.triton import blocked
 
     width = blocked.band_width(d_in, k)
     return [
-        _tiny("band index of col_order (for Â)", "aten.index_select", 2 * INDEX_BYTES * width),
         _column_gather("Â[:, col_order] into bands (fp32)", r_k, width, d_in, FACTOR_BYTES),
         _tiny("B̂[row_order] (fp32 rows)", "aten.index_select", 2 * FACTOR_BYTES * r_k * d_out),
     ]
 
 
-def _band_gather(what: str, n: int, d: int, k: int, e: int, order: str) -> list[Pass]:
+def _band_gather(what: str, n: int, d: int, k: int, e: int, order: str, index: bool = True) -> list[Pass]:
+    """A band gather, after the order's band index where this is the step's first use of it (``index``)."""
     from smoa_kernels.triton import blocked
 
     width = blocked.band_width(d, k)
-    return [
-        _tiny(f"band index of {order}", "aten.index_select", 2 * INDEX_BYTES * width),
-        _column_gather(f"gather {what}[:, {order}] into bands (scattered 2-byte columns)", n, width, d, e),
-    ]
+    head = [_tiny(f"band index of {order} (once per step)", "aten.index_select", 2 * INDEX_BYTES * width)]
+    gather = _column_gather(f"gather {what}[:, {order}] into bands (scattered 2-byte columns)", n, width, d, e)
+    return [*(head if index else []), gather]
 
 
 def _blocked_forward(n: int, d_out: int, d_in: int, rank: int, k: int, e: int, bias: bool) -> list[Pass]:
@@ -289,12 +289,11 @@ def _epilogue_passes(n: int, d_out: int, d_in: int, r_k: int, k: int, e: int, sm
                 Pass(f"factor epilogue block {b} (H = s·G ⊙ M; dB, dA partials)", "simt", flops,
                      (4 + e) * area + da_part + db_part, op="triton.factor_epilogue",
                      programs=tiles * col_programs * rank_chunks),
-                Pass(f"dA partials Σ over row tiles, block {b}", "memory", 0, da_part + 4 * r_k * cols[b],
-                     op="aten.sum"),
-                _tiny(f"dA band copy, block {b}", "aten.copy_" if lo == 0 else "aten.add_", 8 * r_k * cols[b]),
-                Pass(f"dB partials Σ over column ranges, block {b}", "memory", 0, db_part + 4 * (hi - lo) * r_k,
-                     op="aten.sum"),
-                _tiny(f"dB band copy, block {b}", "aten.copy_", 8 * (hi - lo) * r_k),
+                Pass(f"dA partials Σ over row tiles into the bands, block {b}", "memory", 0,
+                     da_part + 4 * r_k * cols[b], op="aten.sum"),
+                *([] if lo == 0 else [_tiny(f"dA chunk added, block {b}", "aten.add_", 12 * r_k * cols[b])]),
+                Pass(f"dB partials Σ over column ranges into the bands, block {b}", "memory", 0,
+                     db_part + 4 * (hi - lo) * r_k, op="aten.sum"),
             ]  # fmt: skip
     return out
 
@@ -312,8 +311,8 @@ def _original_coordinates(d_out: int, d_in: int, r_k: int) -> list[Pass]:
     ]
 
 
-def _factor_grads(n, d_out, d_in, r_k, k, e, sms: int, permutes: bool) -> list[Pass]:
-    out = _factor_permutes(d_out, d_in, r_k, k) if permutes else []
+def _factor_grads(n, d_out, d_in, r_k, k, e, sms: int) -> list[Pass]:
+    out = []  # the permuted factors come from the forward
     out.append(_delta_pass("anchor gather M_k = W0[R_k, C_k] (for the epilogue)", d_out, d_in, r_k, k, e, True))
     return [*out, *_epilogue_passes(n, d_out, d_in, r_k, k, e, sms), *_original_coordinates(d_out, d_in, r_k)]
 
@@ -321,11 +320,10 @@ def _factor_grads(n, d_out, d_in, r_k, k, e, sms: int, permutes: bool) -> list[P
 def _blocked_backward(n: int, d_out: int, d_in: int, rank: int, k: int, e: int, bias: bool, sms: int) -> list[Pass]:
     r_k = rank // k
     rows, cols = _block_geometry(d_out, d_in, k)
-    out = [_order_guard(d_out, d_in), *_band_gather("dY", n, d_out, k, e, "row_order")]
+    out = _band_gather("dY", n, d_out, k, e, "row_order")  # the orders and permuted factors come from the forward
     if r_k == 0:
         out.append(_gemm("dX = dY·W0", n, d_in, d_out, e))
     else:
-        out += _factor_permutes(d_out, d_in, r_k, k)
         out.append(_delta_pass("s·ΔW_k regeneration", d_out, d_in, r_k, k, e, False))
         out += [_gemm(f"block GEMM Uᵀ_{b} = s·ΔW_{b}ᵀ·dY_{b}ᵀ", cols[b], n, rows[b], e) for b in range(k)]
         out.append(_scatter("scatter Uᵀ into dX", n, d_in, e, False))
@@ -335,8 +333,8 @@ def _blocked_backward(n: int, d_out: int, d_in: int, rank: int, k: int, e: int, 
         out.append(Pass("db = Σ dY", "memory", 0, e * n * d_out, op="aten.sum"))
     if r_k == 0:
         return out
-    out += _band_gather("x", n, d_in, k, e, "col_order")  # x is saved, not its bands: gathered again
-    return [*out, *_factor_grads(n, d_out, d_in, r_k, k, e, sms, permutes=False)]
+    out += _band_gather("x", n, d_in, k, e, "col_order", index=False)  # x is saved, not its bands: gathered again
+    return [*out, *_factor_grads(n, d_out, d_in, r_k, k, e, sms)]
 
 
 def _fused_gemm(name: str, n: int, d_out: int, d_red: int, rank: int, k: int, e: int, has_base: bool) -> list[Pass]:
@@ -367,22 +365,30 @@ def _fused_gemm(name: str, n: int, d_out: int, d_red: int, rank: int, k: int, e:
     return [*out, Pass(name, "triton", dots + regen, traffic, op="triton.gemm", programs=programs)]
 
 
-def _fused_forward(n: int, d_out: int, d_in: int, rank: int, k: int, e: int, bias: bool) -> list[Pass]:
+def _fused_forward(n: int, d_out: int, d_in: int, rank: int, k: int, e: int, bias: bool, keep: bool) -> list[Pass]:
     gemm = _fused_gemm("fused GEMM (base + adapter dot, ΔW in registers)", n, d_out, d_in, rank, k, e, True)
-    return [_order_guard(d_out, d_in), *gemm]
+    out = [_order_guard(d_out, d_in), *gemm]
+    if keep:  # training: what the backward's factor gradient needs, made once per step
+        from smoa_kernels.triton import blocked
+
+        width = blocked.band_width(d_in, k)
+        out.append(_tiny("band index of col_order (once per step)", "aten.index_select", 2 * INDEX_BYTES * width))
+        out += _factor_permutes(d_out, d_in, rank // k, k)
+    return out
 
 
 def _fused_backward(n: int, d_out: int, d_in: int, rank: int, k: int, e: int, bias: bool, sms: int) -> list[Pass]:
     r_k = rank // k
-    out = [_order_guard(d_out, d_in), *_band_gather("dY", n, d_out, k, e, "row_order")]
+    out = _band_gather("dY", n, d_out, k, e, "row_order")  # the orders and permuted factors come from the forward
     out += _fused_gemm("fused dX GEMM (base + adapter dot)", n, d_in, d_out, rank, k, e, True)
     if bias:
         out.append(Pass("db = Σ dY", "memory", 0, e * n * d_out, op="aten.sum"))
-    out += _band_gather("x", n, d_in, k, e, "col_order")
-    return [*out, *_factor_grads(n, d_out, d_in, r_k, k, e, sms, permutes=True)]
+    out += _band_gather("x", n, d_in, k, e, "col_order", index=False)
+    return [*out, *_factor_grads(n, d_out, d_in, r_k, k, e, sms)]
 
 
-def _forward(method: str, n: int, d_out: int, d_in: int, rank: int, k: int, e: int, bias: bool) -> list[Pass]:
+def _forward(method: str, n: int, d_out: int, d_in: int, rank: int, k: int, e: int, bias: bool,
+             keep: bool = True) -> list[Pass]:  # fmt: skip
     w = d_out * d_in
     rho = rank // k  # lora-eq / hira rank: SMoA's trainable parameters
     base = _gemm("base GEMM x·W0ᵀ", n, d_out, d_in, e)
@@ -406,7 +412,7 @@ def _forward(method: str, n: int, d_out: int, d_in: int, rank: int, k: int, e: i
         return [*out, base, _gemm("x·ΔWᵀ (second full GEMM)", n, d_out, d_in, e),
                 Pass("y += s·adapter", "memory", 0, 3 * e * n * d_out)]  # fmt: skip
     if method == "smoa-fused":
-        return _fused_forward(n, d_out, d_in, rank, k, e, bias)
+        return _fused_forward(n, d_out, d_in, rank, k, e, bias, keep)
     if method == "smoa-blocked":
         return _blocked_forward(n, d_out, d_in, rank, k, e, bias)
     raise ValueError(f"method={method!r} is not one of {', '.join(map(repr, METHODS))}")
@@ -480,7 +486,7 @@ def passes(
     args = (method, n_tokens, d_out, d_in, rank, num_blocks, element_bytes, bias)
     out = []
     if mode in ("forward", "full", "inference"):
-        out += _forward(*args)
+        out += _forward(*args, mode != "inference")  # a training forward keeps what its backward needs
     if mode in ("backward", "full"):
         out += _backward(*args, g.multiprocessors)
     return [_timed(p, g, element_bytes) for p in out]

@@ -343,7 +343,20 @@ class Orders:
     inv_row: torch.Tensor
     inv_col: torch.Tensor
     flag: torch.Tensor
-    factor_bands: tuple | None = None  # (lora_A, lora_B, a_bands, b_bands) of this call, see permuted_factors
+    factor_bands: tuple | None = None  # (lora_A, lora_B, a_bands, b_bands) of this step, see permuted_factors
+    col_band_index: torch.Tensor | None = None  # col_order at the padded band layout's positions (band_index)
+    row_band_index: torch.Tensor | None = None
+
+    def band_index(self, which: str, num_blocks: int) -> torch.Tensor:
+        """The order (``"row"`` or ``"col"``) at the positions of the padded band layout: the index every band gather
+        of that order uses, made once per step (kept on this object, which forward hands to backward)."""
+        name = f"{which}_band_index"
+        index = getattr(self, name)
+        if index is None:
+            order = getattr(self, which)
+            index = order.index_select(0, _band_sources(order.numel(), num_blocks, order.device))
+            setattr(self, name, index)
+        return index
 
 
 def prepare_orders(row_order: torch.Tensor, col_order: torch.Tensor) -> Orders:
@@ -375,8 +388,12 @@ def _band_data_positions(n: int, num_blocks: int, device: torch.device) -> torch
     return torch.tensor(positions, dtype=torch.int64, device=device)
 
 
-def gather_bands(t: torch.Tensor, order: torch.Tensor, num_blocks: int, dim: int = 1) -> torch.Tensor:
-    """``t`` gathered along ``dim`` by ``order`` into the padded band layout (band k starts at a multiple of 16)."""
+def gather_bands(t: torch.Tensor, order, num_blocks: int, dim: int = 1) -> torch.Tensor:
+    """``t`` gathered along ``dim`` by ``order`` into the padded band layout (band k starts at a multiple of 16).
+    ``order``: a 1-D index tensor, or ``(orders, "row" | "col")`` to use that order's band index made once per step."""
+    if isinstance(order, tuple):
+        orders, which = order
+        return t.index_select(dim, orders.band_index(which, num_blocks))
     index = order.index_select(0, _band_sources(order.numel(), num_blocks, order.device))
     return t.index_select(dim, index)
 
@@ -488,11 +505,12 @@ def permuted_factors(
     lora_A: torch.Tensor, lora_B: torch.Tensor, orders: Orders, num_blocks: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Â[:, col_order] in the padded band layout, B̂[row_order])`` in fp32 (tiny: r_k·D; every kernel forms its
-    products in fp32). Computed once per op call: cached on ``orders``, which lives for one call only."""
+    products in fp32). Computed once per step: kept on ``orders``, which the forward hands to the backward (the
+    backward then uses exactly the factors and orders the forward used)."""
     cached = orders.factor_bands
     if cached is not None and cached[0] is lora_A and cached[1] is lora_B:
         return cached[2], cached[3]
-    a_bands = gather_bands(lora_A, orders.col, num_blocks, dim=1).float()
+    a_bands = gather_bands(lora_A, (orders, "col"), num_blocks, dim=1).float()
     b_bands = lora_B.index_select(0, orders.row).float()
     orders.factor_bands = (lora_A, lora_B, a_bands, b_bands)
     return a_bands, b_bands
@@ -513,7 +531,7 @@ def blocked_forward(
     ``x_a`` gathered into the padded band layout (what the factor gradient reads; saved for backward)."""
     n_rows, d_in = x.shape
     xa = x if x_adapter is None else x_adapter
-    xa_bands = gather_bands(xa, orders.col, num_blocks)
+    xa_bands = gather_bands(xa, (orders, "col"), num_blocks)
     if n_rows == 0 or lora_A.shape[0] == 0:
         return torch.nn.functional.linear(x, weight, bias), xa_bands
     a_bands, b_bands = permuted_factors(lora_A, lora_B, orders, num_blocks)
@@ -659,11 +677,11 @@ def factor_grads(
                 BLOCK_O=EPILOGUE_BLOCK_O,
             )
             band = grad_a_bands[:, col_starts[k] : col_starts[k] + cols_k]
-            if lo == 0:
-                band.copy_(da_part.sum(0))
+            if lo == 0:  # the reductions write into the bands (strided out=): no copies
+                torch.sum(da_part, 0, out=band)
             else:
                 band.add_(da_part.sum(0))
-            grad_b_bands[r0 + lo : r0 + hi] = db_part.sum(0)
+            torch.sum(db_part, 0, out=grad_b_bands[r0 + lo : r0 + hi])
         del g
     # back to original coordinates (tiny, r_k·D): the bands' data columns are the sorted order itself
     data = _band_data_positions(d_in, num_blocks, weight.device)

@@ -430,9 +430,9 @@ def test_the_fake_implementations_accept_empty_batches():
     with FakeTensorMode() as mode:
         fake = {k: mode.from_tensor(v) if torch.is_tensor(v) else v for k, v in problem.items()}
         x = torch.empty(0, 20)
-        y, saved = torch.ops.smoa_kernels.triton_forward(
+        y, saved, *_ = torch.ops.smoa_kernels.triton_forward(
             x, None, fake["weight"], fake["bias"], fake["lora_A"], fake["lora_B"], fake["row_order"],
-            fake["col_order"], 2, 0.5, "auto", False, True,
+            fake["col_order"], 2, 0.5, "auto", False, True, True,
         )  # fmt: skip
     assert y.shape == (0, 24) and saved.shape[0] == 0
 
