@@ -240,23 +240,30 @@ def _factor_permutes(d_out: int, d_in: int, r_k: int, k: int) -> list[Pass]:
     ]
 
 
-def _band_gather(what: str, n: int, d: int, k: int, e: int, order: str, index: bool = True) -> list[Pass]:
-    """A band gather, after the order's band index where this is the step's first use of it (``index``)."""
+def _band_gather(what: str, n: int, d: int, k: int, e: int, order: str) -> Pass:
+    """``_smoa_band_gather_kernel``: an activation's columns into token-minor padded bands; coalesced on both sides
+    (read along the columns, written along the tokens), the inverse order read once per column tile."""
     from smoa_kernels.triton import blocked
 
-    width = blocked.band_width(d, k)
-    head = [_tiny(f"band index of {order} (once per step)", "aten.index_select", 2 * INDEX_BYTES * width)]
-    gather = _column_gather(f"gather {what}[:, {order}] into bands (scattered 2-byte columns)", n, width, d, e)
-    return [*(head if index else []), gather]
+    width, ld = blocked.band_width(d, k), blocked._round_up(n)
+    return Pass(f"gather {what}[:, {order}] into token-minor bands", "memory", 0,
+                e * (n * d + width * ld) + INDEX_BYTES * d * -(-n // 64), op="triton.band_gather")  # fmt: skip
+
+
+def _col_band_index(d_in: int, k: int) -> Pass:
+    from smoa_kernels.triton import blocked
+
+    width = blocked.band_width(d_in, k)
+    return _tiny("band index of col_order (for Â, once per step)", "aten.index_select", 2 * INDEX_BYTES * width)
 
 
 def _blocked_forward(n: int, d_out: int, d_in: int, rank: int, k: int, e: int, bias: bool) -> list[Pass]:
     r_k = rank // k
     rows, cols = _block_geometry(d_out, d_in, k)
-    out = [_order_guard(d_out, d_in), *_band_gather("x", n, d_in, k, e, "col_order")]
+    out = [_order_guard(d_out, d_in), _band_gather("x", n, d_in, k, e, "col_order")]
     if r_k == 0:
         return [*out, _gemm("base GEMM x·W0ᵀ (F.linear)", n, d_out, d_in, e)]
-    out += _factor_permutes(d_out, d_in, r_k, k)
+    out += [_col_band_index(d_in, k), *_factor_permutes(d_out, d_in, r_k, k)]
     out.append(_delta_pass("s·ΔW_k generation (K blocks, one launch)", d_out, d_in, r_k, k, e, False))
     out += [_gemm(f"block GEMM Zᵀ_{b} = s·ΔW_{b}·x_{b}ᵀ", rows[b], n, cols[b], e) for b in range(k)]
     out.append(_scatter("scatter Zᵀ into y (+ b)", n, d_out, e, bias))
@@ -320,7 +327,7 @@ def _factor_grads(n, d_out, d_in, r_k, k, e, sms: int) -> list[Pass]:
 def _blocked_backward(n: int, d_out: int, d_in: int, rank: int, k: int, e: int, bias: bool, sms: int) -> list[Pass]:
     r_k = rank // k
     rows, cols = _block_geometry(d_out, d_in, k)
-    out = _band_gather("dY", n, d_out, k, e, "row_order")  # the orders and permuted factors come from the forward
+    out = [_band_gather("dY", n, d_out, k, e, "row_order")]  # orders and permuted factors: from the forward
     if r_k == 0:
         out.append(_gemm("dX = dY·W0", n, d_in, d_out, e))
     else:
@@ -333,7 +340,7 @@ def _blocked_backward(n: int, d_out: int, d_in: int, rank: int, k: int, e: int, 
         out.append(Pass("db = Σ dY", "memory", 0, e * n * d_out, op="aten.sum"))
     if r_k == 0:
         return out
-    out += _band_gather("x", n, d_in, k, e, "col_order", index=False)  # x is saved, not its bands: gathered again
+    out.append(_band_gather("x", n, d_in, k, e, "col_order"))  # x is saved, not its bands: gathered again
     return [*out, *_factor_grads(n, d_out, d_in, r_k, k, e, sms)]
 
 
@@ -369,21 +376,17 @@ def _fused_forward(n: int, d_out: int, d_in: int, rank: int, k: int, e: int, bia
     gemm = _fused_gemm("fused GEMM (base + adapter dot, ΔW in registers)", n, d_out, d_in, rank, k, e, True)
     out = [_order_guard(d_out, d_in), *gemm]
     if keep:  # training: what the backward's factor gradient needs, made once per step
-        from smoa_kernels.triton import blocked
-
-        width = blocked.band_width(d_in, k)
-        out.append(_tiny("band index of col_order (once per step)", "aten.index_select", 2 * INDEX_BYTES * width))
-        out += _factor_permutes(d_out, d_in, rank // k, k)
+        out += [_col_band_index(d_in, k), *_factor_permutes(d_out, d_in, rank // k, k)]
     return out
 
 
 def _fused_backward(n: int, d_out: int, d_in: int, rank: int, k: int, e: int, bias: bool, sms: int) -> list[Pass]:
     r_k = rank // k
-    out = _band_gather("dY", n, d_out, k, e, "row_order")  # the orders and permuted factors come from the forward
+    out = [_band_gather("dY", n, d_out, k, e, "row_order")]  # orders and permuted factors: from the forward
     out += _fused_gemm("fused dX GEMM (base + adapter dot)", n, d_in, d_out, rank, k, e, True)
     if bias:
         out.append(Pass("db = Σ dY", "memory", 0, e * n * d_out, op="aten.sum"))
-    out += _band_gather("x", n, d_in, k, e, "col_order", index=False)
+    out.append(_band_gather("x", n, d_in, k, e, "col_order"))
     return [*out, *_factor_grads(n, d_out, d_in, r_k, k, e, sms)]
 
 

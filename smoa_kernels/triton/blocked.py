@@ -205,6 +205,50 @@ def _smoa_scatter_kernel(
     tl.store(OUT + offs_n[:, None] * stride_on + offs_c[None, :], value.to(OUT.dtype.element_ty), mask=tile_mask)
 
 
+def _smoa_band_gather_kernel(
+    X,
+    XT,
+    INV_ORDER,
+    n_rows,
+    d,
+    num_blocks,
+    n_bucket,
+    stride_xn,
+    stride_xc,
+    stride_xt,
+    ALIGN_C: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """``XT[band_pos(INV_ORDER[c]), n] = X[n, c]``: gather the columns of a token-major activation into token-minor
+    padded bands (row p of band k holds column ``order[start_k + p]``), the scatter kernel's pattern in reverse. Both
+    sides are coalesced: X along its columns c, XT along tokens n (Triton converts between the two layouts in shared
+    memory). Tokens ``n_rows ≤ n < stride_xt`` (XT's row stride, a multiple of 16) are written as zeros, so the store
+    mask stays uniform over vectors; padding rows of the bands are never written nor read as data."""
+    pid_n = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < d
+    value = tl.load(X + offs_n[:, None] * stride_xn + offs_c[None, :] * stride_xc,
+                    mask=(offs_n < n_rows)[:, None] & mask_c[None, :], other=0.0)  # fmt: skip
+    # the sorted position of column c (clamped: no order content can address outside XT), then its band position:
+    # tensor_split bands (the first `extra` hold base + 1), each band's start rounded up to a multiple of ALIGN_C
+    p = tl.load(INV_ORDER + offs_c, mask=mask_c, other=0)
+    p = tl.minimum(tl.maximum(p, 0), d - 1)
+    base = d // num_blocks
+    extra = d % num_blocks
+    long_span = extra * (base + 1)
+    k = tl.where(p < long_span, p // (base + 1), extra + (p - long_span) // tl.maximum(base, 1))
+    start = k * base + tl.minimum(k, extra)
+    long_pad = (base + 1 + ALIGN_C - 1) // ALIGN_C * ALIGN_C
+    short_pad = (base + ALIGN_C - 1) // ALIGN_C * ALIGN_C
+    pad_start = tl.minimum(k, extra) * long_pad + tl.maximum(k - extra, 0) * short_pad
+    rows = pad_start + (p - start)
+    store_mask = (offs_n < stride_xt)[:, None] & mask_c[None, :]
+    tl.store(XT + rows[None, :] * stride_xt + offs_n[:, None], value, mask=store_mask)
+
+
 def _smoa_factor_epilogue_kernel(
     G,
     M,
@@ -398,6 +442,25 @@ def gather_bands(t: torch.Tensor, order, num_blocks: int, dim: int = 1) -> torch
     return t.index_select(dim, index)
 
 
+def gather_bands_t(t: torch.Tensor, orders: Orders, which: str, num_blocks: int) -> torch.Tensor:
+    """``t`` (N × d, token-major) gathered by the ``which`` ("row" / "col") order into token-minor padded bands:
+    a (band_width × ldN) tensor, ldN = N rounded up to 16, whose row ``starts[k] + i`` is ``t[:, order[lo_k + i]]``
+    (tokens N..ldN are zeros, padding rows unwritten and never read). One coalesced launch
+    (``_smoa_band_gather_kernel``); what every band GEMM and the factor gradient read."""
+    n_rows, d = t.shape
+    inverse = orders.inv_row if which == "row" else orders.inv_col
+    out = torch.empty((band_width(d, num_blocks), _round_up(n_rows)), dtype=t.dtype, device=t.device)
+    if n_rows == 0:
+        return out
+
+    def grid(meta):
+        return (triton.cdiv(out.shape[1], meta["BLOCK_N"]), triton.cdiv(d, meta["BLOCK_C"]))
+
+    configs.launch("band_gather", grid, t, out, inverse, n_rows, d, num_blocks, configs._n_bucket(n_rows),
+                   t.stride(0), t.stride(1), out.stride(0), ALIGN_C=ALIGN)  # fmt: skip
+    return out
+
+
 def _rank_chunk(rank: int) -> int:
     """Ranks per dot step: the padded rank up to RANK_CHUNK_MAX (larger fp32 tiles spill; see KERNEL_CONFIGS)."""
     return min(configs._rank_pad(rank), RANK_CHUNK_MAX)
@@ -485,19 +548,20 @@ def scatter(zt: torch.Tensor, inv_order: torch.Tensor, n_rows: int, bias: torch.
     return out
 
 
-def _block_products(delta: torch.Tensor, bands: torch.Tensor, d_in: int, num_blocks: int, *, transpose: bool):
-    """Per block, by the vendor library: forward (``bands`` = x_a bands) ``Zᵀ[R_k] = s·ΔW_k · x_band,kᵀ``
+def _block_products(delta: torch.Tensor, bands: torch.Tensor, n_rows: int, d_in: int, num_blocks: int, *,
+                    transpose: bool):  # fmt: skip
+    """Per block, by the vendor library: forward (``bands`` = token-minor x_a bands) ``Zᵀ[R_k] = s·ΔW_k · x_band,kᵀ``
     (d_out × ldN, rows in row order); ``transpose=True`` (``bands`` = dY bands) ``Uᵀ[C_k] = s·ΔW_kᵀ · dy_band,kᵀ``
-    (d_in × ldN, rows in column order)."""
-    n_rows, d_out = bands.shape[0], delta.shape[0]
+    (d_in × ldN, rows in column order). Every operand is contiguous along its last dimension."""
+    d_out = delta.shape[0]
     out = torch.empty((d_in if transpose else d_out, _round_up(n_rows)), dtype=bands.dtype, device=bands.device)
     starts = padded_band_starts(d_out if transpose else d_in, num_blocks, ALIGN)
     for k, ((r0, r1), (c0, c1)) in enumerate(zip(block_bounds(d_out, num_blocks), block_bounds(d_in, num_blocks))):
         block = delta[r0:r1, : c1 - c0]
-        if transpose:  # dY band: N × |R_k|, 16-aligned start
-            torch.mm(block.t(), bands[:, starts[k] : starts[k] + (r1 - r0)].t(), out=out[c0:c1, :n_rows])
-        else:  # x_a band: N × |C_k|, 16-aligned start
-            torch.mm(block, bands[:, starts[k] : starts[k] + (c1 - c0)].t(), out=out[r0:r1, :n_rows])
+        if transpose:  # dY band: |R_k| × N, 16-aligned start
+            torch.mm(block.t(), bands[starts[k] : starts[k] + (r1 - r0), :n_rows], out=out[c0:c1, :n_rows])
+        else:  # x_a band: |C_k| × N, 16-aligned start
+            torch.mm(block, bands[starts[k] : starts[k] + (c1 - c0), :n_rows], out=out[r0:r1, :n_rows])
     return out
 
 
@@ -531,12 +595,12 @@ def blocked_forward(
     ``x_a`` gathered into the padded band layout (what the factor gradient reads; saved for backward)."""
     n_rows, d_in = x.shape
     xa = x if x_adapter is None else x_adapter
-    xa_bands = gather_bands(xa, (orders, "col"), num_blocks)
+    xa_bands = gather_bands_t(xa, orders, "col", num_blocks)
     if n_rows == 0 or lora_A.shape[0] == 0:
         return torch.nn.functional.linear(x, weight, bias), xa_bands
     a_bands, b_bands = permuted_factors(lora_A, lora_B, orders, num_blocks)
     delta = delta_blocks(weight, a_bands, b_bands, orders, num_blocks, scale)
-    zt = _block_products(delta, xa_bands, d_in, num_blocks, transpose=False)
+    zt = _block_products(delta, xa_bands, n_rows, d_in, num_blocks, transpose=False)
     del delta  # the ΔW transient lives only for the K block GEMMs
     y = scatter(zt, orders.inv_row, n_rows, bias)
     del zt
@@ -570,7 +634,7 @@ def blocked_input_grads(
     else:
         a_bands, b_bands = permuted_factors(lora_A, lora_B, orders, num_blocks)
         delta = delta_blocks(weight, a_bands, b_bands, orders, num_blocks, scale)
-        ut = _block_products(delta, dy_bands, d_in, num_blocks, transpose=True)
+        ut = _block_products(delta, dy_bands, n_rows, d_in, num_blocks, transpose=True)
         del delta
         adapter = scatter(ut, orders.inv_col, n_rows, None)
         del ut
@@ -614,6 +678,7 @@ def epilogue_grid(rows: int, cols: int, rank_chunks: int, multiprocessors: int) 
 def factor_grads(
     dy_bands: torch.Tensor,
     xa_bands: torch.Tensor,
+    n_rows: int,
     weight: torch.Tensor,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
@@ -621,10 +686,10 @@ def factor_grads(
     num_blocks: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dÂ, dB̂)`` in the factors' dtype: per block ``G_k`` by the vendor GEMM (fp32), then the fused epilogue."""
+    """``(dÂ, dB̂)`` in the factors' dtype: per block ``G_k`` by the vendor GEMM (fp32), then the fused epilogue.
+    ``dy_bands``, ``xa_bands``: token-minor bands (:func:`gather_bands_t`) of ``n_rows`` tokens."""
     d_out, d_in = weight.shape
     rank = lora_A.shape[0]
-    n_rows = dy_bands.shape[0]
     if n_rows == 0 or rank == 0:
         return torch.zeros_like(lora_A), torch.zeros_like(lora_B)
     a_bands, b_bands = permuted_factors(lora_A, lora_B, orders, num_blocks)
@@ -638,9 +703,9 @@ def factor_grads(
     rank_chunks = triton.cdiv(configs._rank_pad(rank), _rank_chunk(rank))
     for k, ((r0, r1), (c0, c1)) in enumerate(zip(block_bounds(d_out, num_blocks), block_bounds(d_in, num_blocks))):
         rows_k, cols_k = r1 - r0, c1 - c0
-        dy_k = dy_bands[:, row_starts[k] : row_starts[k] + rows_k]
-        xa_k = xa_bands[:, col_starts[k] : col_starts[k] + cols_k]
-        g = _fp32_mm(dy_k.t(), xa_k)  # |R_k| × |C_k|, fp32, contiguous
+        dy_k = dy_bands[row_starts[k] : row_starts[k] + rows_k, :n_rows]
+        xa_k = xa_bands[col_starts[k] : col_starts[k] + cols_k, :n_rows]
+        g = _fp32_mm(dy_k, xa_k.t())  # |R_k| × |C_k|, fp32, contiguous
         a_k = a_bands[:, col_starts[k] : col_starts[k] + cols_k]
         chunk_rows = EPILOGUE_CHUNK_TILES * EPILOGUE_BLOCK_O
         for lo in range(0, rows_k, chunk_rows):

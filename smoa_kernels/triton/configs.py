@@ -68,6 +68,10 @@ KERNEL_CONFIGS: dict[str, list[dict]] = {
     "scatter": [
         {"BLOCK_N": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 1},
     ],
+    # Its reverse: an activation's columns gathered into token-minor padded bands (x, dY); memory-bound.
+    "band_gather": [
+        {"BLOCK_N": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 1},
+    ],
     # H = s·G ⊙ W0, dB = H Aᵀ, dA partials = Bᵀ H per block (fp32; 2 stages spilled 4 B on sm_80 with a 16-bit anchor);
     # BLOCK_O is fixed by the launcher (it sizes the
     # dA partial buffer), only the column tile is a config.
@@ -87,6 +91,7 @@ KERNEL_SOURCES = {
     "gemm": ("smoa_kernels.triton.fused", "_smoa_gemm_kernel"),
     "delta_blocks": ("smoa_kernels.triton.blocked", "_smoa_delta_blocks_kernel"),
     "scatter": ("smoa_kernels.triton.blocked", "_smoa_scatter_kernel"),
+    "band_gather": ("smoa_kernels.triton.blocked", "_smoa_band_gather_kernel"),
     "factor_epilogue": ("smoa_kernels.triton.blocked", "_smoa_factor_epilogue_kernel"),
     "orders": ("smoa_kernels.triton.blocked", "_smoa_orders_kernel"),
 }
@@ -97,6 +102,7 @@ _AUTOTUNE_KEYS = {
     "gemm": ["d_out", "d_red", "n_bucket", "RANK_PAD", *_GEMM_CODE_FLAGS],
     "delta_blocks": ["d_out", "d_in", "rank", "num_blocks"],
     "scatter": ["n_bucket", "d"],
+    "band_gather": ["n_bucket", "d", "num_blocks"],
     "factor_epilogue": ["n_band_rows", "n_band_cols", "rank"],
     "orders": ["d_out", "d_in"],
 }
@@ -105,7 +111,14 @@ _AUTOTUNE_KEYS = {
 _RESET_TO_ZERO = {name: None for name in KERNEL_CONFIGS}
 _RESTORE_VALUE = {name: None for name in KERNEL_CONFIGS}
 # The argument whose dtype selects the configs (args[0] of every launch).
-_ACTIVATION_ARG = {"gemm": "X", "delta_blocks": "W", "scatter": "ZT", "factor_epilogue": "G", "orders": "FLAG"}
+_ACTIVATION_ARG = {
+    "gemm": "X",
+    "delta_blocks": "W",
+    "scatter": "ZT",
+    "band_gather": "X",
+    "factor_epilogue": "G",
+    "orders": "FLAG",
+}
 
 
 def config_dtypes(entry: dict) -> tuple[str, ...]:

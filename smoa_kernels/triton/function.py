@@ -178,7 +178,7 @@ def _forward_body(x, x_adapter, weight, bias, lora_A, lora_B, orders, num_blocks
               transpose=False, has_base=True, merged=merged, num_blocks=num_blocks, flag=orders.flag)  # fmt: skip
     if not save:
         return y, x.new_empty(0)
-    return y, blocked.gather_bands(x if x_adapter is None else x_adapter, (orders, "col"), num_blocks)
+    return y, blocked.gather_bands_t(x if x_adapter is None else x_adapter, orders, "col", num_blocks)
 
 
 @_forward_op.register_fake
@@ -186,7 +186,8 @@ def _(x, x_adapter, weight, bias, lora_A, lora_B, row_order, col_order, num_bloc
       keep_state):  # fmt: skip
     d_out, d_in = weight.shape
     width = blocked.band_width(d_in, num_blocks)
-    out = [x.new_empty((x.shape[0], d_out)), x.new_empty((x.shape[0], width) if save else (0,))]
+    bands = (width, -(-x.shape[0] // blocked.ALIGN) * blocked.ALIGN)  # token-minor padded bands
+    out = [x.new_empty((x.shape[0], d_out)), x.new_empty(bands if save else (0,))]
     if not keep_state:
         return [*out, *(x.new_empty(0) for _ in _STATE)]
     rank, f32 = lora_A.shape[0], torch.float32
@@ -226,7 +227,7 @@ def _backward_op(
                                                      grad_out.device, lora_A.shape[0])  # fmt: skip
         dy_bands = None
         if need_A or need_B or chosen == "blocked":
-            dy_bands = blocked.gather_bands(grad_out, (orders, "row"), num_blocks)
+            dy_bands = blocked.gather_bands_t(grad_out, orders, "row", num_blocks)
         grad_x = grad_xa = None
         if chosen == "blocked":
             grad_x, grad_xa = blocked.blocked_input_grads(
@@ -251,9 +252,9 @@ def _backward_op(
         grad_bias = grad_out.sum(0) if need_bias else None
         grad_A = grad_B = None
         if need_A or need_B:
-            xa_bands = blocked.gather_bands(x_saved, (orders, "col"), num_blocks) if adapter_is_x else x_saved
-            grad_A, grad_B = blocked.factor_grads(dy_bands, xa_bands, weight, lora_A, lora_B, orders, num_blocks,
-                                                  scale)  # fmt: skip
+            xa_bands = blocked.gather_bands_t(x_saved, orders, "col", num_blocks) if adapter_is_x else x_saved
+            grad_A, grad_B = blocked.factor_grads(dy_bands, xa_bands, n_rows, weight, lora_A, lora_B, orders,
+                                                  num_blocks, scale)  # fmt: skip
     # custom ops return tensors only: an unused gradient is a fresh empty tensor (distinct objects, no aliasing).
     grads = (grad_x if need_x else None, grad_xa if need_xa else None, grad_bias, grad_A if need_A else None,
              grad_B if need_B else None)  # fmt: skip
