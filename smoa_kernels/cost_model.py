@@ -345,13 +345,9 @@ def _blocked_backward(n: int, d_out: int, d_in: int, rank: int, k: int, e: int, 
 
 
 def _fused_gemm(name: str, n: int, d_out: int, d_red: int, rank: int, k: int, e: int, has_base: bool) -> list[Pass]:
-    """The per-call operands and ``_smoa_gemm_kernel``: base dot and the adapter dot on every weight tile, the rank
-    product U·V regenerated once per token tile, at the tile and rank pad of the shipped single config.
-
-    Operands (``function._fused_operands``, ``fused._block_factors``): the order flag compared once, per order a
-    scatter of the block ids and a select; U and V zero-filled only where they have padding; the flag times the scale
-    (0-d), U's source scaled, both sources cast to the activation dtype (fp32 factors, 16-bit activations), and per
-    factor one compare and one masked select written into U / V."""
+    """``_smoa_fused_operands_kernel`` (the block-extended factors U, V from the factors and the inverse orders, one
+    launch) and ``_smoa_gemm_kernel``: base dot and the adapter dot on every weight tile, the rank product U·V
+    regenerated once per token tile, at the tile and rank pad of the shipped single config."""
     from smoa_kernels.triton import configs
 
     entry = configs.default_config("gemm", _dtype(e))
@@ -359,17 +355,13 @@ def _fused_gemm(name: str, n: int, d_out: int, d_red: int, rank: int, k: int, e:
     red_pad = -(-d_red // 16) * 16
     tiles_n = -(-n // entry["BLOCK_N"])
     programs = -(-d_out // entry["BLOCK_O"]) * tiles_n
-    cast = ("to",) if e != FACTOR_BYTES else ()
-    ops = ["eq", "scatter_", "where", "scatter_", "where"]
-    ops += ["zeros"] if rank_pad > rank else []
-    ops += ["zeros"] if rank_pad > rank or red_pad > d_red else []
-    ops += ["mul", "mul", "eq", *cast, "where", "eq", *cast, "where"]
-    small = FACTOR_BYTES * rank_pad * (d_out + d_red)
-    out = [_tiny(f"fused operands: {op}", f"aten.{op}", small / len(ops)) for op in ops]
+    operands = Pass("fused operands U, V (one launch)", "memory", 0,
+                    FACTOR_BYTES * rank * (d_out + d_red) // max(k, 1) + INDEX_BYTES * (d_out + d_red)
+                    + e * rank_pad * (d_out + red_pad), op="triton.fused_operands")  # fmt: skip
     dots = (2 if has_base else 1) * 2.0 * n * d_out * d_red
     regen = 2.0 * d_out * d_red * rank_pad * tiles_n
     traffic = e * (d_out * d_red + 2 * n * d_red + n * d_out) + e * rank_pad * (d_out + d_red)
-    return [*out, Pass(name, "triton", dots + regen, traffic, op="triton.gemm", programs=programs)]
+    return [operands, Pass(name, "triton", dots + regen, traffic, op="triton.gemm", programs=programs)]
 
 
 def _fused_forward(n: int, d_out: int, d_in: int, rank: int, k: int, e: int, bias: bool, keep: bool) -> list[Pass]:

@@ -1,15 +1,15 @@
 """The blocked SMoA path (training-sized N): full-weight GEMMs and per-block adapter GEMMs in the vendor library,
-four small Triton kernels for the glue (order guard, ΔW_k / anchor generation, scatter, factor-gradient epilogue).
-Exactly the floor's FLOPs, (4 + 6/K)·N·D² per training step.
+five small Triton kernels for the glue (order guard, band gather, ΔW_k / anchor generation, scatter, factor-gradient
+epilogue). Exactly the floor's FLOPs, (4 + 6/K)·N·D² per training step.
 
 Notation as in SPEC §2–§4 (block k: rows ``R_k = row_order[r0_k:r1_k]``, columns ``C_k = col_order[c0_k:c1_k]``,
 ``A_k = Â[:, C_k]``, ``B_k = B̂[R_k, :]``, anchor ``M_k = W0[R_k, C_k]``)::
 
-    forward    x_band   = x_a[:, col_order]                  (gathered once, padded bands; saved for backward)
+    forward    x_band   = x_a[:, col_order]                  (_smoa_band_gather_kernel: token-minor padded bands)
                s·ΔW_k   = s·(B_k A_k) ⊙ M_k                   (_smoa_delta_blocks_kernel, all K blocks, one launch)
                Zᵀ[R_k]  = s·ΔW_k · x_band,kᵀ                  (torch.mm per block into rows of a d_out×N buffer)
                y        = scatter(Zᵀ) + b  ;  y += x W0ᵀ      (_smoa_scatter_kernel, then cuBLAS addmm_ in place)
-    backward   dy_band  = dY[:, row_order]                   (gathered once, padded bands)
+    backward   dy_band  = dY[:, row_order]                   (_smoa_band_gather_kernel, once per backward)
                Uᵀ[C_k]  = s·ΔW_kᵀ · dy_band,kᵀ                (ΔW_k regenerated, never saved)
                dx       = scatter(Uᵀ) ; dx += dY W0           (dx_a = scatter(Uᵀ) and dx = dY W0 with dropout)
                G_k      = dy_band,kᵀ · x_band,k               (torch.mm per block, fp32 output)

@@ -68,6 +68,10 @@ KERNEL_CONFIGS: dict[str, list[dict]] = {
     "scatter": [
         {"BLOCK_N": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 1},
     ],
+    # The fused GEMM's block-extended factors U, V from the factors and the inverse orders (elementwise, tiny).
+    "fused_operands": [
+        {"BLOCK": 64, "num_warps": 4, "num_stages": 1},
+    ],
     # Its reverse: an activation's columns gathered into token-minor padded bands (x, dY); memory-bound.
     "band_gather": [
         {"BLOCK_N": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 1},
@@ -92,6 +96,7 @@ KERNEL_SOURCES = {
     "delta_blocks": ("smoa_kernels.triton.blocked", "_smoa_delta_blocks_kernel"),
     "scatter": ("smoa_kernels.triton.blocked", "_smoa_scatter_kernel"),
     "band_gather": ("smoa_kernels.triton.blocked", "_smoa_band_gather_kernel"),
+    "fused_operands": ("smoa_kernels.triton.fused", "_smoa_fused_operands_kernel"),
     "factor_epilogue": ("smoa_kernels.triton.blocked", "_smoa_factor_epilogue_kernel"),
     "orders": ("smoa_kernels.triton.blocked", "_smoa_orders_kernel"),
 }
@@ -103,6 +108,7 @@ _AUTOTUNE_KEYS = {
     "delta_blocks": ["d_out", "d_in", "rank", "num_blocks"],
     "scatter": ["n_bucket", "d"],
     "band_gather": ["n_bucket", "d", "num_blocks"],
+    "fused_operands": ["d_out", "d_red", "rank", "num_blocks", "RANK_PAD", "POSITIONS"],
     "factor_epilogue": ["n_band_rows", "n_band_cols", "rank"],
     "orders": ["d_out", "d_in"],
 }

@@ -19,7 +19,6 @@ import functools
 import torch
 
 from smoa_kernels import cost_model
-from smoa_kernels.blocks import block_ids
 from smoa_kernels.triton import blocked, configs
 from smoa_kernels.triton.configs import triton
 from smoa_kernels.triton.fused import _gemm
@@ -74,24 +73,6 @@ def resolve_path(
     element_bytes = torch.empty((), dtype=dtype).element_size()
     return cost_model.choose_path(n_tokens, d_out, d_in, num_blocks, element_bytes=element_bytes,
                                   gpu=_gpu_class(device))  # fmt: skip
-
-
-@functools.cache
-def _position_blocks(n: int, num_blocks: int, device: torch.device) -> torch.Tensor:
-    """Block id of each position of a sorted order (tensor_split bands); data-independent, made once per shape."""
-    return block_ids(torch.arange(n, device=device), num_blocks)
-
-
-def _fused_operands(orders, num_blocks):
-    """The fused kernel's block ids under the order guard: ``blk[order[p]] = block of p``, all set to block 0 for a
-    non-permutation order so that the kernel's block mask cannot hide the NaN the flag puts into the factors (pass
-    ``orders.flag`` to ``_gemm``). No host sync; 5 launches (one compare, a scatter and a select per order)."""
-    ok = orders.flag == 1.0
-    ids = []
-    for order in (orders.row, orders.col):
-        positions = _position_blocks(order.numel(), num_blocks, order.device)
-        ids.append(torch.where(ok, torch.empty_like(positions).scatter_(0, order, positions), 0))
-    return ids[0], ids[1]
 
 
 def _on_device(tensor: torch.Tensor):
@@ -173,9 +154,9 @@ def _forward_body(x, x_adapter, weight, bias, lora_A, lora_B, orders, num_blocks
         y, xa_bands = blocked.blocked_forward(x, x_adapter, weight, bias, lora_A, lora_B, orders, num_blocks,
                                               scale)  # fmt: skip
         return y, xa_bands if save else x.new_empty(0)
-    blk_row, blk_col = _fused_operands(orders, num_blocks)
-    y = _gemm(x, x_adapter, weight, bias, lora_B, lora_A, blk_row, blk_col, scale,
-              transpose=False, has_base=True, merged=merged, num_blocks=num_blocks, flag=orders.flag)  # fmt: skip
+    # the block ids come from the inverse orders inside the operands kernel; the flag poisons U for a bad order
+    y = _gemm(x, x_adapter, weight, bias, lora_B, lora_A, orders.inv_row, orders.inv_col, scale, transpose=False,
+              has_base=True, merged=merged, num_blocks=num_blocks, flag=orders.flag, positions=True)  # fmt: skip
     if not save:
         return y, x.new_empty(0)
     return y, blocked.gather_bands_t(x if x_adapter is None else x_adapter, orders, "col", num_blocks)
@@ -235,20 +216,19 @@ def _backward_op(
                 adapter_is_x=adapter_is_x, need_x=need_x, need_xa=need_xa,
             )  # fmt: skip
         elif need_x or need_xa:
-            blk_row, blk_col = _fused_operands(orders, num_blocks)
-            flag = orders.flag
+            blk_row, blk_col, flag = orders.inv_row, orders.inv_col, orders.flag  # positions: see _forward_body
             if adapter_is_x:
                 if need_x:  # dx = dY W0 + s·dY ΔW in one pass over W0
                     grad_x = _gemm(grad_out, None, weight, None, lora_A, lora_B, blk_col, blk_row, scale,
                                    transpose=True, has_base=True, merged=merged, num_blocks=num_blocks,
-                                   flag=flag)  # fmt: skip
+                                   flag=flag, positions=True)  # fmt: skip
             else:
                 if need_x:
                     grad_x = grad_out @ weight
                 if need_xa:
                     grad_xa = _gemm(grad_out, None, weight, None, lora_A, lora_B, blk_col, blk_row, scale,
                                     transpose=True, has_base=False, merged=False, num_blocks=num_blocks,
-                                    flag=flag)  # fmt: skip
+                                    flag=flag, positions=True)  # fmt: skip
         grad_bias = grad_out.sum(0) if need_bias else None
         grad_A = grad_B = None
         if need_A or need_B:
