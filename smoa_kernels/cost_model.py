@@ -185,10 +185,14 @@ def _column_gather(name: str, rows: int, width: int, src_cols: int, e: int, op: 
     return Pass(name, "gather", 0, e * rows * (src_cols + width), op=op, gathered=rows * width)
 
 
-def _order_guard(d_out: int, d_in: int) -> Pass:
-    """The one-program order guard: reads both orders, writes them clamped and their inverses, re-reads both."""
-    return Pass("order guard (one program: clamp, invert, check)", "single", 0, INDEX_BYTES * 5 * (d_out + d_in),
-                op="triton.orders")  # fmt: skip
+def _order_guard(d_out: int, d_in: int) -> list[Pass]:
+    """The order guard, once per step: one launch clamps and inverts both orders (reads them, writes the clamped
+    orders and the inverses), a second checks them (reads the orders, the clamped orders and the inverses)."""
+    d = d_out + d_in
+    return [
+        Pass("order guard: clamp and invert", "memory", 0, INDEX_BYTES * 3 * d, op="triton.orders"),
+        Pass("order guard: check (NaN flag)", "memory", 0, INDEX_BYTES * 3 * d, op="triton.orders_check"),
+    ]
 
 
 def _block_geometry(d_out: int, d_in: int, k: int):
@@ -260,7 +264,7 @@ def _col_band_index(d_in: int, k: int) -> Pass:
 def _blocked_forward(n: int, d_out: int, d_in: int, rank: int, k: int, e: int, bias: bool) -> list[Pass]:
     r_k = rank // k
     rows, cols = _block_geometry(d_out, d_in, k)
-    out = [_order_guard(d_out, d_in), _band_gather("x", n, d_in, k, e, "col_order")]
+    out = [*_order_guard(d_out, d_in), _band_gather("x", n, d_in, k, e, "col_order")]
     if r_k == 0:
         return [*out, _gemm("base GEMM x·W0ᵀ (F.linear)", n, d_out, d_in, e)]
     out += [_col_band_index(d_in, k), *_factor_permutes(d_out, d_in, r_k, k)]
@@ -366,7 +370,7 @@ def _fused_gemm(name: str, n: int, d_out: int, d_red: int, rank: int, k: int, e:
 
 def _fused_forward(n: int, d_out: int, d_in: int, rank: int, k: int, e: int, bias: bool, keep: bool) -> list[Pass]:
     gemm = _fused_gemm("fused GEMM (base + adapter dot, ΔW in registers)", n, d_out, d_in, rank, k, e, True)
-    out = [_order_guard(d_out, d_in), *gemm]
+    out = [*_order_guard(d_out, d_in), *gemm]
     if keep:  # training: what the backward's factor gradient needs, made once per step
         out += [_col_band_index(d_in, k), *_factor_permutes(d_out, d_in, rank // k, k)]
     return out

@@ -335,41 +335,60 @@ def _smoa_orders_kernel(
     d_in,
     BLOCK: tl.constexpr,
 ):
-    """The order guard in one single-program launch: both orders clamped into range (``ROW_OUT``, ``COL_OUT``), their
-    inverses (``INV[order[p]] = p``) and ``FLAG`` = 1.0 if both are permutations, NaN otherwise. A permutation is an
-    order that needed no clamping and whose inverse maps every position back to itself. (One program, so CTA barriers
-    order its global writes; every thread that finds a defect stores the same NaN, so the races are benign.)"""
-    tl.store(FLAG, 1.0)
-    tl.debug_barrier()
-    for start in range(0, d_out, BLOCK):
-        p = start + tl.arange(0, BLOCK)
+    """The order guard, first launch: both orders clamped into range (``ROW_OUT``, ``COL_OUT``) and inverted
+    (``INV[clamped[p]] = p``), BLOCK positions per program (programs over the row order, then over the column order);
+    program 0 sets ``FLAG`` = 1.0. The check is a second launch (:func:`_smoa_orders_check_kernel`): the inverses are
+    complete only when every program of this one has run."""
+    pid = tl.program_id(0)
+    tiles_row = (d_out + BLOCK - 1) // BLOCK
+    if pid == 0:
+        tl.store(FLAG, 1.0)
+    if pid < tiles_row:
+        p = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = p < d_out
         o = tl.load(ROW_ORDER + p, mask=m, other=0)
         c = tl.minimum(tl.maximum(o, 0), d_out - 1)
         tl.store(ROW_OUT + p, c, mask=m)
-        tl.store(INV_ROW + c, p.to(tl.int64), mask=m)
-        tl.store(FLAG + p * 0, float("nan"), mask=m & (o != c))
-    for start in range(0, d_in, BLOCK):
-        p = start + tl.arange(0, BLOCK)
+        tl.store(INV_ROW + c, p, mask=m)
+    else:
+        p = (pid - tiles_row).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = p < d_in
         o = tl.load(COL_ORDER + p, mask=m, other=0)
         c = tl.minimum(tl.maximum(o, 0), d_in - 1)
         tl.store(COL_OUT + p, c, mask=m)
-        tl.store(INV_COL + c, p.to(tl.int64), mask=m)
-        tl.store(FLAG + p * 0, float("nan"), mask=m & (o != c))
-    tl.debug_barrier()  # the inverses are complete
-    for start in range(0, d_out, BLOCK):
-        p = start + tl.arange(0, BLOCK)
+        tl.store(INV_COL + c, p, mask=m)
+
+
+def _smoa_orders_check_kernel(
+    FLAG,
+    ROW_ORDER,
+    COL_ORDER,
+    ROW_OUT,
+    COL_OUT,
+    INV_ROW,
+    INV_COL,
+    d_out,
+    d_in,
+    BLOCK: tl.constexpr,
+):
+    """The order guard, second launch (same grid): ``FLAG`` = NaN wherever an order is not a permutation — an entry
+    that needed clamping, or whose clamped value's inverse does not map back to its position (a repeated index).
+    Every program that finds a defect stores the same NaN, so the races are benign; nothing else writes FLAG here."""
+    pid = tl.program_id(0)
+    tiles_row = (d_out + BLOCK - 1) // BLOCK
+    if pid < tiles_row:
+        p = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = p < d_out
+        o = tl.load(ROW_ORDER + p, mask=m, other=0)
         c = tl.load(ROW_OUT + p, mask=m, other=0)
         back = tl.load(INV_ROW + c, mask=m, other=0)
-        tl.store(FLAG + p * 0, float("nan"), mask=m & (back != p))
-    for start in range(0, d_in, BLOCK):
-        p = start + tl.arange(0, BLOCK)
+    else:
+        p = (pid - tiles_row).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = p < d_in
+        o = tl.load(COL_ORDER + p, mask=m, other=0)
         c = tl.load(COL_OUT + p, mask=m, other=0)
         back = tl.load(INV_COL + c, mask=m, other=0)
-        tl.store(FLAG + p * 0, float("nan"), mask=m & (back != p))
+    tl.store(FLAG + p * 0, float("nan"), mask=m & ((o != c) | (back != p)))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -380,7 +399,7 @@ def _smoa_orders_kernel(
 @dataclasses.dataclass
 class Orders:
     """Both orders clamped into range, their inverses, and the poison flag (a 0-d fp32 tensor: 1.0, or NaN unless
-    both orders are permutations); all on the device, computed by one launch without a host sync."""
+    both orders are permutations); all on the device, computed by two launches without a host sync."""
 
     row: torch.Tensor
     col: torch.Tensor
@@ -409,7 +428,13 @@ def prepare_orders(row_order: torch.Tensor, col_order: torch.Tensor) -> Orders:
     flag = torch.empty((), dtype=torch.float32, device=row_order.device)
     row, col = torch.empty_like(row_order), torch.empty_like(col_order)
     inv_row, inv_col = torch.empty_like(row_order), torch.empty_like(col_order)
-    configs.launch("orders", (1,), flag, row_order, col_order, row, col, inv_row, inv_col, row.numel(), col.numel())
+    args = (flag, row_order, col_order, row, col, inv_row, inv_col, row.numel(), col.numel())
+
+    def grid(meta):
+        return (triton.cdiv(row.numel(), meta["BLOCK"]) + triton.cdiv(col.numel(), meta["BLOCK"]),)
+
+    configs.launch("orders", grid, *args)  # clamp and invert (program 0 sets the flag to 1.0)
+    configs.launch("orders_check", grid, *args)  # then poison the flag for any defect (the inverses are complete)
     if configs.capturing():  # the launch was only recorded; later host-side index_selects need real permutations
         flag.fill_(1.0)
         for order, clamped, inverse in ((row_order, row, inv_row), (col_order, col, inv_col)):

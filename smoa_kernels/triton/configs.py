@@ -82,8 +82,12 @@ KERNEL_CONFIGS: dict[str, list[dict]] = {
     "factor_epilogue": [
         {"BLOCK_C": 64, "num_warps": 4, "num_stages": 3},
     ],
-    # The order guard: one program clamps, inverts and checks both orders (O(d), once per call).
+    # The order guard, once per step: one launch clamps and inverts both orders, a second checks them (O(d) each,
+    # BLOCK positions per program; both launches use one grid, so the two entries must keep the same BLOCK).
     "orders": [
+        {"BLOCK": 1024, "num_warps": 4, "num_stages": 1},
+    ],
+    "orders_check": [
         {"BLOCK": 1024, "num_warps": 4, "num_stages": 1},
     ],
 }
@@ -99,6 +103,7 @@ KERNEL_SOURCES = {
     "fused_operands": ("smoa_kernels.triton.fused", "_smoa_fused_operands_kernel"),
     "factor_epilogue": ("smoa_kernels.triton.blocked", "_smoa_factor_epilogue_kernel"),
     "orders": ("smoa_kernels.triton.blocked", "_smoa_orders_kernel"),
+    "orders_check": ("smoa_kernels.triton.blocked", "_smoa_orders_check_kernel"),
 }
 _GEMM_CODE_FLAGS = ("HAS_BASE", "XA_IS_X", "HAS_BIAS", "MERGED", "W_T", "DOT_PRECISION")
 _AUTOTUNE_KEYS = {
@@ -111,6 +116,7 @@ _AUTOTUNE_KEYS = {
     "fused_operands": ["d_out", "d_red", "rank", "num_blocks", "RANK_PAD", "POSITIONS"],
     "factor_epilogue": ["n_band_rows", "n_band_cols", "rank"],
     "orders": ["d_out", "d_in"],
+    "orders_check": ["d_out", "d_in"],
 }
 # Every kernel overwrites its outputs (no accumulation into existing values, partial-buffer layouts fixed by the
 # launcher), so autotuning trials need no reset or restore.
@@ -124,6 +130,7 @@ _ACTIVATION_ARG = {
     "band_gather": "X",
     "factor_epilogue": "G",
     "orders": "FLAG",
+    "orders_check": "FLAG",
 }
 
 
