@@ -1,15 +1,15 @@
 """The blocked SMoA path (training-sized N): full-weight GEMMs and per-block adapter GEMMs in the vendor library,
-four small Triton kernels for the glue (order guard, ΔW_k / anchor generation, scatter, factor-gradient epilogue).
-Exactly the floor's FLOPs, (4 + 6/K)·N·D² per training step.
+five small Triton kernels for the glue (order guard, band gather, ΔW_k / anchor generation, scatter, factor-gradient
+epilogue). Exactly the floor's FLOPs, (4 + 6/K)·N·D² per training step.
 
 Notation as in SPEC §2–§4 (block k: rows ``R_k = row_order[r0_k:r1_k]``, columns ``C_k = col_order[c0_k:c1_k]``,
 ``A_k = Â[:, C_k]``, ``B_k = B̂[R_k, :]``, anchor ``M_k = W0[R_k, C_k]``)::
 
-    forward    x_band   = x_a[:, col_order]                  (gathered once, padded bands; saved for backward)
+    forward    x_band   = x_a[:, col_order]                  (_smoa_band_gather_kernel: token-minor padded bands)
                s·ΔW_k   = s·(B_k A_k) ⊙ M_k                   (_smoa_delta_blocks_kernel, all K blocks, one launch)
                Zᵀ[R_k]  = s·ΔW_k · x_band,kᵀ                  (torch.mm per block into rows of a d_out×N buffer)
                y        = scatter(Zᵀ) + b  ;  y += x W0ᵀ      (_smoa_scatter_kernel, then cuBLAS addmm_ in place)
-    backward   dy_band  = dY[:, row_order]                   (gathered once, padded bands)
+    backward   dy_band  = dY[:, row_order]                   (_smoa_band_gather_kernel, once per backward)
                Uᵀ[C_k]  = s·ΔW_kᵀ · dy_band,kᵀ                (ΔW_k regenerated, never saved)
                dx       = scatter(Uᵀ) ; dx += dY W0           (dx_a = scatter(Uᵀ) and dx = dY W0 with dropout)
                G_k      = dy_band,kᵀ · x_band,k               (torch.mm per block, fp32 output)
@@ -205,6 +205,50 @@ def _smoa_scatter_kernel(
     tl.store(OUT + offs_n[:, None] * stride_on + offs_c[None, :], value.to(OUT.dtype.element_ty), mask=tile_mask)
 
 
+def _smoa_band_gather_kernel(
+    X,
+    XT,
+    INV_ORDER,
+    n_rows,
+    d,
+    num_blocks,
+    n_bucket,
+    stride_xn,
+    stride_xc,
+    stride_xt,
+    ALIGN_C: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """``XT[band_pos(INV_ORDER[c]), n] = X[n, c]``: gather the columns of a token-major activation into token-minor
+    padded bands (row p of band k holds column ``order[start_k + p]``), the scatter kernel's pattern in reverse. Both
+    sides are coalesced: X along its columns c, XT along tokens n (Triton converts between the two layouts in shared
+    memory). Tokens ``n_rows ≤ n < stride_xt`` (XT's row stride, a multiple of 16) are written as zeros, so the store
+    mask stays uniform over vectors; padding rows of the bands are never written nor read as data."""
+    pid_n = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < d
+    value = tl.load(X + offs_n[:, None] * stride_xn + offs_c[None, :] * stride_xc,
+                    mask=(offs_n < n_rows)[:, None] & mask_c[None, :], other=0.0)  # fmt: skip
+    # the sorted position of column c (clamped: no order content can address outside XT), then its band position:
+    # tensor_split bands (the first `extra` hold base + 1), each band's start rounded up to a multiple of ALIGN_C
+    p = tl.load(INV_ORDER + offs_c, mask=mask_c, other=0)
+    p = tl.minimum(tl.maximum(p, 0), d - 1)
+    base = d // num_blocks
+    extra = d % num_blocks
+    long_span = extra * (base + 1)
+    k = tl.where(p < long_span, p // (base + 1), extra + (p - long_span) // tl.maximum(base, 1))
+    start = k * base + tl.minimum(k, extra)
+    long_pad = (base + 1 + ALIGN_C - 1) // ALIGN_C * ALIGN_C
+    short_pad = (base + ALIGN_C - 1) // ALIGN_C * ALIGN_C
+    pad_start = tl.minimum(k, extra) * long_pad + tl.maximum(k - extra, 0) * short_pad
+    rows = pad_start + (p - start)
+    store_mask = (offs_n < stride_xt)[:, None] & mask_c[None, :]
+    tl.store(XT + rows[None, :] * stride_xt + offs_n[:, None], value, mask=store_mask)
+
+
 def _smoa_factor_epilogue_kernel(
     G,
     M,
@@ -291,41 +335,60 @@ def _smoa_orders_kernel(
     d_in,
     BLOCK: tl.constexpr,
 ):
-    """The order guard in one single-program launch: both orders clamped into range (``ROW_OUT``, ``COL_OUT``), their
-    inverses (``INV[order[p]] = p``) and ``FLAG`` = 1.0 if both are permutations, NaN otherwise. A permutation is an
-    order that needed no clamping and whose inverse maps every position back to itself. (One program, so CTA barriers
-    order its global writes; every thread that finds a defect stores the same NaN, so the races are benign.)"""
-    tl.store(FLAG, 1.0)
-    tl.debug_barrier()
-    for start in range(0, d_out, BLOCK):
-        p = start + tl.arange(0, BLOCK)
+    """The order guard, first launch: both orders clamped into range (``ROW_OUT``, ``COL_OUT``) and inverted
+    (``INV[clamped[p]] = p``), BLOCK positions per program (programs over the row order, then over the column order);
+    program 0 sets ``FLAG`` = 1.0. The check is a second launch (:func:`_smoa_orders_check_kernel`): the inverses are
+    complete only when every program of this one has run."""
+    pid = tl.program_id(0)
+    tiles_row = (d_out + BLOCK - 1) // BLOCK
+    if pid == 0:
+        tl.store(FLAG, 1.0)
+    if pid < tiles_row:
+        p = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = p < d_out
         o = tl.load(ROW_ORDER + p, mask=m, other=0)
         c = tl.minimum(tl.maximum(o, 0), d_out - 1)
         tl.store(ROW_OUT + p, c, mask=m)
-        tl.store(INV_ROW + c, p.to(tl.int64), mask=m)
-        tl.store(FLAG + p * 0, float("nan"), mask=m & (o != c))
-    for start in range(0, d_in, BLOCK):
-        p = start + tl.arange(0, BLOCK)
+        tl.store(INV_ROW + c, p, mask=m)
+    else:
+        p = (pid - tiles_row).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = p < d_in
         o = tl.load(COL_ORDER + p, mask=m, other=0)
         c = tl.minimum(tl.maximum(o, 0), d_in - 1)
         tl.store(COL_OUT + p, c, mask=m)
-        tl.store(INV_COL + c, p.to(tl.int64), mask=m)
-        tl.store(FLAG + p * 0, float("nan"), mask=m & (o != c))
-    tl.debug_barrier()  # the inverses are complete
-    for start in range(0, d_out, BLOCK):
-        p = start + tl.arange(0, BLOCK)
+        tl.store(INV_COL + c, p, mask=m)
+
+
+def _smoa_orders_check_kernel(
+    FLAG,
+    ROW_ORDER,
+    COL_ORDER,
+    ROW_OUT,
+    COL_OUT,
+    INV_ROW,
+    INV_COL,
+    d_out,
+    d_in,
+    BLOCK: tl.constexpr,
+):
+    """The order guard, second launch (same grid): ``FLAG`` = NaN wherever an order is not a permutation — an entry
+    that needed clamping, or whose clamped value's inverse does not map back to its position (a repeated index).
+    Every program that finds a defect stores the same NaN, so the races are benign; nothing else writes FLAG here."""
+    pid = tl.program_id(0)
+    tiles_row = (d_out + BLOCK - 1) // BLOCK
+    if pid < tiles_row:
+        p = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = p < d_out
+        o = tl.load(ROW_ORDER + p, mask=m, other=0)
         c = tl.load(ROW_OUT + p, mask=m, other=0)
         back = tl.load(INV_ROW + c, mask=m, other=0)
-        tl.store(FLAG + p * 0, float("nan"), mask=m & (back != p))
-    for start in range(0, d_in, BLOCK):
-        p = start + tl.arange(0, BLOCK)
+    else:
+        p = (pid - tiles_row).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = p < d_in
+        o = tl.load(COL_ORDER + p, mask=m, other=0)
         c = tl.load(COL_OUT + p, mask=m, other=0)
         back = tl.load(INV_COL + c, mask=m, other=0)
-        tl.store(FLAG + p * 0, float("nan"), mask=m & (back != p))
+    tl.store(FLAG + p * 0, float("nan"), mask=m & ((o != c) | (back != p)))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -336,14 +399,27 @@ def _smoa_orders_kernel(
 @dataclasses.dataclass
 class Orders:
     """Both orders clamped into range, their inverses, and the poison flag (a 0-d fp32 tensor: 1.0, or NaN unless
-    both orders are permutations); all on the device, computed by one launch without a host sync."""
+    both orders are permutations); all on the device, computed by two launches without a host sync."""
 
     row: torch.Tensor
     col: torch.Tensor
     inv_row: torch.Tensor
     inv_col: torch.Tensor
     flag: torch.Tensor
-    factor_bands: tuple | None = None  # (lora_A, lora_B, a_bands, b_bands) of this call, see permuted_factors
+    factor_bands: tuple | None = None  # (lora_A, lora_B, a_bands, b_bands) of this step, see permuted_factors
+    col_band_index: torch.Tensor | None = None  # col_order at the padded band layout's positions (band_index)
+    row_band_index: torch.Tensor | None = None
+
+    def band_index(self, which: str, num_blocks: int) -> torch.Tensor:
+        """The order (``"row"`` or ``"col"``) at the positions of the padded band layout: the index every band gather
+        of that order uses, made once per step (kept on this object, which forward hands to backward)."""
+        name = f"{which}_band_index"
+        index = getattr(self, name)
+        if index is None:
+            order = getattr(self, which)
+            index = order.index_select(0, _band_sources(order.numel(), num_blocks, order.device))
+            setattr(self, name, index)
+        return index
 
 
 def prepare_orders(row_order: torch.Tensor, col_order: torch.Tensor) -> Orders:
@@ -352,7 +428,13 @@ def prepare_orders(row_order: torch.Tensor, col_order: torch.Tensor) -> Orders:
     flag = torch.empty((), dtype=torch.float32, device=row_order.device)
     row, col = torch.empty_like(row_order), torch.empty_like(col_order)
     inv_row, inv_col = torch.empty_like(row_order), torch.empty_like(col_order)
-    configs.launch("orders", (1,), flag, row_order, col_order, row, col, inv_row, inv_col, row.numel(), col.numel())
+    args = (flag, row_order, col_order, row, col, inv_row, inv_col, row.numel(), col.numel())
+
+    def grid(meta):
+        return (triton.cdiv(row.numel(), meta["BLOCK"]) + triton.cdiv(col.numel(), meta["BLOCK"]),)
+
+    configs.launch("orders", grid, *args)  # clamp and invert (program 0 sets the flag to 1.0)
+    configs.launch("orders_check", grid, *args)  # then poison the flag for any defect (the inverses are complete)
     if configs.capturing():  # the launch was only recorded; later host-side index_selects need real permutations
         flag.fill_(1.0)
         for order, clamped, inverse in ((row_order, row, inv_row), (col_order, col, inv_col)):
@@ -375,10 +457,33 @@ def _band_data_positions(n: int, num_blocks: int, device: torch.device) -> torch
     return torch.tensor(positions, dtype=torch.int64, device=device)
 
 
-def gather_bands(t: torch.Tensor, order: torch.Tensor, num_blocks: int, dim: int = 1) -> torch.Tensor:
-    """``t`` gathered along ``dim`` by ``order`` into the padded band layout (band k starts at a multiple of 16)."""
+def gather_bands(t: torch.Tensor, order, num_blocks: int, dim: int = 1) -> torch.Tensor:
+    """``t`` gathered along ``dim`` by ``order`` into the padded band layout (band k starts at a multiple of 16).
+    ``order``: a 1-D index tensor, or ``(orders, "row" | "col")`` to use that order's band index made once per step."""
+    if isinstance(order, tuple):
+        orders, which = order
+        return t.index_select(dim, orders.band_index(which, num_blocks))
     index = order.index_select(0, _band_sources(order.numel(), num_blocks, order.device))
     return t.index_select(dim, index)
+
+
+def gather_bands_t(t: torch.Tensor, orders: Orders, which: str, num_blocks: int) -> torch.Tensor:
+    """``t`` (N × d, token-major) gathered by the ``which`` ("row" / "col") order into token-minor padded bands:
+    a (band_width × ldN) tensor, ldN = N rounded up to 16, whose row ``starts[k] + i`` is ``t[:, order[lo_k + i]]``
+    (tokens N..ldN are zeros, padding rows unwritten and never read). One coalesced launch
+    (``_smoa_band_gather_kernel``); what every band GEMM and the factor gradient read."""
+    n_rows, d = t.shape
+    inverse = orders.inv_row if which == "row" else orders.inv_col
+    out = torch.empty((band_width(d, num_blocks), _round_up(n_rows)), dtype=t.dtype, device=t.device)
+    if n_rows == 0:
+        return out
+
+    def grid(meta):
+        return (triton.cdiv(out.shape[1], meta["BLOCK_N"]), triton.cdiv(d, meta["BLOCK_C"]))
+
+    configs.launch("band_gather", grid, t, out, inverse, n_rows, d, num_blocks, configs._n_bucket(n_rows),
+                   t.stride(0), t.stride(1), out.stride(0), ALIGN_C=ALIGN)  # fmt: skip
+    return out
 
 
 def _rank_chunk(rank: int) -> int:
@@ -468,19 +573,20 @@ def scatter(zt: torch.Tensor, inv_order: torch.Tensor, n_rows: int, bias: torch.
     return out
 
 
-def _block_products(delta: torch.Tensor, bands: torch.Tensor, d_in: int, num_blocks: int, *, transpose: bool):
-    """Per block, by the vendor library: forward (``bands`` = x_a bands) ``Zᵀ[R_k] = s·ΔW_k · x_band,kᵀ``
+def _block_products(delta: torch.Tensor, bands: torch.Tensor, n_rows: int, d_in: int, num_blocks: int, *,
+                    transpose: bool):  # fmt: skip
+    """Per block, by the vendor library: forward (``bands`` = token-minor x_a bands) ``Zᵀ[R_k] = s·ΔW_k · x_band,kᵀ``
     (d_out × ldN, rows in row order); ``transpose=True`` (``bands`` = dY bands) ``Uᵀ[C_k] = s·ΔW_kᵀ · dy_band,kᵀ``
-    (d_in × ldN, rows in column order)."""
-    n_rows, d_out = bands.shape[0], delta.shape[0]
+    (d_in × ldN, rows in column order). Every operand is contiguous along its last dimension."""
+    d_out = delta.shape[0]
     out = torch.empty((d_in if transpose else d_out, _round_up(n_rows)), dtype=bands.dtype, device=bands.device)
     starts = padded_band_starts(d_out if transpose else d_in, num_blocks, ALIGN)
     for k, ((r0, r1), (c0, c1)) in enumerate(zip(block_bounds(d_out, num_blocks), block_bounds(d_in, num_blocks))):
         block = delta[r0:r1, : c1 - c0]
-        if transpose:  # dY band: N × |R_k|, 16-aligned start
-            torch.mm(block.t(), bands[:, starts[k] : starts[k] + (r1 - r0)].t(), out=out[c0:c1, :n_rows])
-        else:  # x_a band: N × |C_k|, 16-aligned start
-            torch.mm(block, bands[:, starts[k] : starts[k] + (c1 - c0)].t(), out=out[r0:r1, :n_rows])
+        if transpose:  # dY band: |R_k| × N, 16-aligned start
+            torch.mm(block.t(), bands[starts[k] : starts[k] + (r1 - r0), :n_rows], out=out[c0:c1, :n_rows])
+        else:  # x_a band: |C_k| × N, 16-aligned start
+            torch.mm(block, bands[starts[k] : starts[k] + (c1 - c0), :n_rows], out=out[r0:r1, :n_rows])
     return out
 
 
@@ -488,11 +594,12 @@ def permuted_factors(
     lora_A: torch.Tensor, lora_B: torch.Tensor, orders: Orders, num_blocks: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Â[:, col_order] in the padded band layout, B̂[row_order])`` in fp32 (tiny: r_k·D; every kernel forms its
-    products in fp32). Computed once per op call: cached on ``orders``, which lives for one call only."""
+    products in fp32). Computed once per step: kept on ``orders``, which the forward hands to the backward (the
+    backward then uses exactly the factors and orders the forward used)."""
     cached = orders.factor_bands
     if cached is not None and cached[0] is lora_A and cached[1] is lora_B:
         return cached[2], cached[3]
-    a_bands = gather_bands(lora_A, orders.col, num_blocks, dim=1).float()
+    a_bands = gather_bands(lora_A, (orders, "col"), num_blocks, dim=1).float()
     b_bands = lora_B.index_select(0, orders.row).float()
     orders.factor_bands = (lora_A, lora_B, a_bands, b_bands)
     return a_bands, b_bands
@@ -513,12 +620,12 @@ def blocked_forward(
     ``x_a`` gathered into the padded band layout (what the factor gradient reads; saved for backward)."""
     n_rows, d_in = x.shape
     xa = x if x_adapter is None else x_adapter
-    xa_bands = gather_bands(xa, orders.col, num_blocks)
+    xa_bands = gather_bands_t(xa, orders, "col", num_blocks)
     if n_rows == 0 or lora_A.shape[0] == 0:
         return torch.nn.functional.linear(x, weight, bias), xa_bands
     a_bands, b_bands = permuted_factors(lora_A, lora_B, orders, num_blocks)
     delta = delta_blocks(weight, a_bands, b_bands, orders, num_blocks, scale)
-    zt = _block_products(delta, xa_bands, d_in, num_blocks, transpose=False)
+    zt = _block_products(delta, xa_bands, n_rows, d_in, num_blocks, transpose=False)
     del delta  # the ΔW transient lives only for the K block GEMMs
     y = scatter(zt, orders.inv_row, n_rows, bias)
     del zt
@@ -552,7 +659,7 @@ def blocked_input_grads(
     else:
         a_bands, b_bands = permuted_factors(lora_A, lora_B, orders, num_blocks)
         delta = delta_blocks(weight, a_bands, b_bands, orders, num_blocks, scale)
-        ut = _block_products(delta, dy_bands, d_in, num_blocks, transpose=True)
+        ut = _block_products(delta, dy_bands, n_rows, d_in, num_blocks, transpose=True)
         del delta
         adapter = scatter(ut, orders.inv_col, n_rows, None)
         del ut
@@ -596,6 +703,7 @@ def epilogue_grid(rows: int, cols: int, rank_chunks: int, multiprocessors: int) 
 def factor_grads(
     dy_bands: torch.Tensor,
     xa_bands: torch.Tensor,
+    n_rows: int,
     weight: torch.Tensor,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
@@ -603,10 +711,10 @@ def factor_grads(
     num_blocks: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dÂ, dB̂)`` in the factors' dtype: per block ``G_k`` by the vendor GEMM (fp32), then the fused epilogue."""
+    """``(dÂ, dB̂)`` in the factors' dtype: per block ``G_k`` by the vendor GEMM (fp32), then the fused epilogue.
+    ``dy_bands``, ``xa_bands``: token-minor bands (:func:`gather_bands_t`) of ``n_rows`` tokens."""
     d_out, d_in = weight.shape
     rank = lora_A.shape[0]
-    n_rows = dy_bands.shape[0]
     if n_rows == 0 or rank == 0:
         return torch.zeros_like(lora_A), torch.zeros_like(lora_B)
     a_bands, b_bands = permuted_factors(lora_A, lora_B, orders, num_blocks)
@@ -620,9 +728,9 @@ def factor_grads(
     rank_chunks = triton.cdiv(configs._rank_pad(rank), _rank_chunk(rank))
     for k, ((r0, r1), (c0, c1)) in enumerate(zip(block_bounds(d_out, num_blocks), block_bounds(d_in, num_blocks))):
         rows_k, cols_k = r1 - r0, c1 - c0
-        dy_k = dy_bands[:, row_starts[k] : row_starts[k] + rows_k]
-        xa_k = xa_bands[:, col_starts[k] : col_starts[k] + cols_k]
-        g = _fp32_mm(dy_k.t(), xa_k)  # |R_k| × |C_k|, fp32, contiguous
+        dy_k = dy_bands[row_starts[k] : row_starts[k] + rows_k, :n_rows]
+        xa_k = xa_bands[col_starts[k] : col_starts[k] + cols_k, :n_rows]
+        g = _fp32_mm(dy_k, xa_k.t())  # |R_k| × |C_k|, fp32, contiguous
         a_k = a_bands[:, col_starts[k] : col_starts[k] + cols_k]
         chunk_rows = EPILOGUE_CHUNK_TILES * EPILOGUE_BLOCK_O
         for lo in range(0, rows_k, chunk_rows):
@@ -659,11 +767,11 @@ def factor_grads(
                 BLOCK_O=EPILOGUE_BLOCK_O,
             )
             band = grad_a_bands[:, col_starts[k] : col_starts[k] + cols_k]
-            if lo == 0:
-                band.copy_(da_part.sum(0))
+            if lo == 0:  # the reductions write into the bands (strided out=): no copies
+                torch.sum(da_part, 0, out=band)
             else:
                 band.add_(da_part.sum(0))
-            grad_b_bands[r0 + lo : r0 + hi] = db_part.sum(0)
+            torch.sum(db_part, 0, out=grad_b_bands[r0 + lo : r0 + hi])
         del g
     # back to original coordinates (tiny, r_k·D): the bands' data columns are the sorted order itself
     data = _band_data_positions(d_in, num_blocks, weight.device)

@@ -68,14 +68,26 @@ KERNEL_CONFIGS: dict[str, list[dict]] = {
     "scatter": [
         {"BLOCK_N": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 1},
     ],
+    # The fused GEMM's block-extended factors U, V from the factors and the inverse orders (elementwise, tiny).
+    "fused_operands": [
+        {"BLOCK": 64, "num_warps": 4, "num_stages": 1},
+    ],
+    # Its reverse: an activation's columns gathered into token-minor padded bands (x, dY); memory-bound.
+    "band_gather": [
+        {"BLOCK_N": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 1},
+    ],
     # H = s·G ⊙ W0, dB = H Aᵀ, dA partials = Bᵀ H per block (fp32; 2 stages spilled 4 B on sm_80 with a 16-bit anchor);
     # BLOCK_O is fixed by the launcher (it sizes the
     # dA partial buffer), only the column tile is a config.
     "factor_epilogue": [
         {"BLOCK_C": 64, "num_warps": 4, "num_stages": 3},
     ],
-    # The order guard: one program clamps, inverts and checks both orders (O(d), once per call).
+    # The order guard, once per step: one launch clamps and inverts both orders, a second checks them (O(d) each,
+    # BLOCK positions per program; both launches use one grid, so the two entries must keep the same BLOCK).
     "orders": [
+        {"BLOCK": 1024, "num_warps": 4, "num_stages": 1},
+    ],
+    "orders_check": [
         {"BLOCK": 1024, "num_warps": 4, "num_stages": 1},
     ],
 }
@@ -87,8 +99,11 @@ KERNEL_SOURCES = {
     "gemm": ("smoa_kernels.triton.fused", "_smoa_gemm_kernel"),
     "delta_blocks": ("smoa_kernels.triton.blocked", "_smoa_delta_blocks_kernel"),
     "scatter": ("smoa_kernels.triton.blocked", "_smoa_scatter_kernel"),
+    "band_gather": ("smoa_kernels.triton.blocked", "_smoa_band_gather_kernel"),
+    "fused_operands": ("smoa_kernels.triton.fused", "_smoa_fused_operands_kernel"),
     "factor_epilogue": ("smoa_kernels.triton.blocked", "_smoa_factor_epilogue_kernel"),
     "orders": ("smoa_kernels.triton.blocked", "_smoa_orders_kernel"),
+    "orders_check": ("smoa_kernels.triton.blocked", "_smoa_orders_check_kernel"),
 }
 _GEMM_CODE_FLAGS = ("HAS_BASE", "XA_IS_X", "HAS_BIAS", "MERGED", "W_T", "DOT_PRECISION")
 _AUTOTUNE_KEYS = {
@@ -97,15 +112,26 @@ _AUTOTUNE_KEYS = {
     "gemm": ["d_out", "d_red", "n_bucket", "RANK_PAD", *_GEMM_CODE_FLAGS],
     "delta_blocks": ["d_out", "d_in", "rank", "num_blocks"],
     "scatter": ["n_bucket", "d"],
+    "band_gather": ["n_bucket", "d", "num_blocks"],
+    "fused_operands": ["d_out", "d_red", "rank", "num_blocks", "RANK_PAD", "POSITIONS"],
     "factor_epilogue": ["n_band_rows", "n_band_cols", "rank"],
     "orders": ["d_out", "d_in"],
+    "orders_check": ["d_out", "d_in"],
 }
 # Every kernel overwrites its outputs (no accumulation into existing values, partial-buffer layouts fixed by the
 # launcher), so autotuning trials need no reset or restore.
 _RESET_TO_ZERO = {name: None for name in KERNEL_CONFIGS}
 _RESTORE_VALUE = {name: None for name in KERNEL_CONFIGS}
 # The argument whose dtype selects the configs (args[0] of every launch).
-_ACTIVATION_ARG = {"gemm": "X", "delta_blocks": "W", "scatter": "ZT", "factor_epilogue": "G", "orders": "FLAG"}
+_ACTIVATION_ARG = {
+    "gemm": "X",
+    "delta_blocks": "W",
+    "scatter": "ZT",
+    "band_gather": "X",
+    "factor_epilogue": "G",
+    "orders": "FLAG",
+    "orders_check": "FLAG",
+}
 
 
 def config_dtypes(entry: dict) -> tuple[str, ...]:

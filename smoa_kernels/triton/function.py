@@ -19,7 +19,6 @@ import functools
 import torch
 
 from smoa_kernels import cost_model
-from smoa_kernels.blocks import block_ids
 from smoa_kernels.triton import blocked, configs
 from smoa_kernels.triton.configs import triton
 from smoa_kernels.triton.fused import _gemm
@@ -76,17 +75,6 @@ def resolve_path(
                                   gpu=_gpu_class(device))  # fmt: skip
 
 
-def _fused_operands(lora_A, lora_B, orders, num_blocks):
-    """The fused kernel's operands under the order guard: the factors times the order flag (1.0, or NaN for a
-    non-permutation order; r_k·D elements) and the block ids, all set to block 0 for a non-permutation order so that
-    the kernel's block mask cannot hide the NaN. No host sync."""
-    flag = orders.flag.to(lora_A.dtype)
-    ok = orders.flag == 1.0
-    blk_row = torch.where(ok, block_ids(orders.row, num_blocks), 0)
-    blk_col = torch.where(ok, block_ids(orders.col, num_blocks), 0)
-    return lora_A * flag, lora_B * flag, blk_row, blk_col
-
-
 def _on_device(tensor: torch.Tensor):
     """The tensor's CUDA device made current for the block (a no-op for CPU tensors under the interpreter).
 
@@ -120,29 +108,75 @@ def _forward_op(
     path: str,
     merged: bool,
     save: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y, x_band)``; ``x_band`` is x_a gathered into the padded band layout when ``save`` (else empty; the
-    Function asks for it only when dropout makes x_a a tensor of its own)."""
+    keep_state: bool,
+) -> list[torch.Tensor]:
+    """``[y, x_band, *state]``; ``x_band`` is x_a gathered into the padded band layout when ``save`` (else empty; the
+    Function asks for it only when dropout makes x_a a tensor of its own). ``state`` (``keep_state``, else empty
+    tensors): what the backward would otherwise redo from the same orders and factors (:func:`_step_state`)."""
     with _on_device(x), torch.autocast(x.device.type, enabled=False):  # dtypes were fixed by smoa_linear_triton
         orders = blocked.prepare_orders(row_order, col_order)
-        chosen = "fused" if merged else resolve_path(path, x.shape[0], *weight.shape, num_blocks, x.dtype, x.device,
-                                                     lora_A.shape[0], x_adapter is not None)  # fmt: skip
-        if chosen == "blocked":
-            y, xa_bands = blocked.blocked_forward(x, x_adapter, weight, bias, lora_A, lora_B, orders, num_blocks,
-                                                  scale)  # fmt: skip
-            return y, xa_bands if save else x.new_empty(0)
-        lora_A, lora_B, blk_row, blk_col = _fused_operands(lora_A, lora_B, orders, num_blocks)
-        y = _gemm(x, x_adapter, weight, bias, lora_B, lora_A, blk_row, blk_col, scale,
-                  transpose=False, has_base=True, merged=merged, num_blocks=num_blocks)  # fmt: skip
-        if not save:
-            return y, x.new_empty(0)
-        return y, blocked.gather_bands(x if x_adapter is None else x_adapter, orders.col, num_blocks)
+        y, x_band = _forward_body(x, x_adapter, weight, bias, lora_A, lora_B, orders, num_blocks, scale, path, merged,
+                                  save)  # fmt: skip
+        state = _step_state(orders, lora_A, lora_B, num_blocks) if keep_state else [x.new_empty(0) for _ in _STATE]
+        return [y, x_band, *state]
+
+
+# What the forward hands to the backward (made once per step): the order guard's outputs, col_order's band index and
+# the permuted fp32 factors. O(d + r·d) elements; the backward then uses exactly the orders and factors the forward
+# used (a write to the orders between forward and backward does not mix two orders in one step).
+_STATE = ("row", "col", "inv_row", "inv_col", "flag", "col_band_index", "a_bands", "b_bands")
+
+
+def _step_state(orders, lora_A, lora_B, num_blocks) -> list[torch.Tensor]:
+    if lora_A.shape[0]:
+        a_bands, b_bands = blocked.permuted_factors(lora_A, lora_B, orders, num_blocks)
+    else:
+        width = blocked.band_width(lora_A.shape[1], num_blocks)
+        a_bands = lora_A.new_empty((0, width), dtype=torch.float32)
+        b_bands = lora_B.new_empty((lora_B.shape[0], 0), dtype=torch.float32)
+    index = orders.band_index("col", num_blocks)
+    return [orders.row, orders.col, orders.inv_row, orders.inv_col, orders.flag, index, a_bands, b_bands]
+
+
+def _orders_from_state(state, lora_A, lora_B) -> blocked.Orders | None:
+    if len(state) != len(_STATE) or state[4].dim() != 0:  # not kept: the backward prepares its own
+        return None
+    row, col, inv_row, inv_col, flag, index, a_bands, b_bands = state
+    return blocked.Orders(row, col, inv_row, inv_col, flag, factor_bands=(lora_A, lora_B, a_bands, b_bands),
+                          col_band_index=index)  # fmt: skip
+
+
+def _forward_body(x, x_adapter, weight, bias, lora_A, lora_B, orders, num_blocks, scale, path, merged, save):
+    """The path's work: ``(y, x_band)`` (see :func:`_forward_op`)."""
+    chosen = "fused" if merged else resolve_path(path, x.shape[0], *weight.shape, num_blocks, x.dtype, x.device,
+                                                 lora_A.shape[0], x_adapter is not None)  # fmt: skip
+    if chosen == "blocked":
+        y, xa_bands = blocked.blocked_forward(x, x_adapter, weight, bias, lora_A, lora_B, orders, num_blocks,
+                                              scale)  # fmt: skip
+        return y, xa_bands if save else x.new_empty(0)
+    # the block ids come from the inverse orders inside the operands kernel; the flag poisons U for a bad order
+    y = _gemm(x, x_adapter, weight, bias, lora_B, lora_A, orders.inv_row, orders.inv_col, scale, transpose=False,
+              has_base=True, merged=merged, num_blocks=num_blocks, flag=orders.flag, positions=True)  # fmt: skip
+    if not save:
+        return y, x.new_empty(0)
+    return y, blocked.gather_bands_t(x if x_adapter is None else x_adapter, orders, "col", num_blocks)
 
 
 @_forward_op.register_fake
-def _(x, x_adapter, weight, bias, lora_A, lora_B, row_order, col_order, num_blocks, scale, path, merged, save):
-    width = blocked.band_width(weight.shape[1], num_blocks)
-    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], width) if save else (0,))
+def _(x, x_adapter, weight, bias, lora_A, lora_B, row_order, col_order, num_blocks, scale, path, merged, save,
+      keep_state):  # fmt: skip
+    d_out, d_in = weight.shape
+    width = blocked.band_width(d_in, num_blocks)
+    bands = (width, -(-x.shape[0] // blocked.ALIGN) * blocked.ALIGN)  # token-minor padded bands
+    out = [x.new_empty((x.shape[0], d_out)), x.new_empty(bands if save else (0,))]
+    if not keep_state:
+        return [*out, *(x.new_empty(0) for _ in _STATE)]
+    rank, f32 = lora_A.shape[0], torch.float32
+    return [
+        *out, row_order.new_empty(d_out), col_order.new_empty(d_in), row_order.new_empty(d_out),
+        col_order.new_empty(d_in), x.new_empty((), dtype=f32), col_order.new_empty(width),
+        x.new_empty((rank, width), dtype=f32), x.new_empty((d_out, rank), dtype=f32),
+    ]  # fmt: skip
 
 
 @torch.library.custom_op("smoa_kernels::triton_backward", mutates_args=())
@@ -155,6 +189,7 @@ def _backward_op(
     lora_B: torch.Tensor,
     row_order: torch.Tensor,
     col_order: torch.Tensor,
+    state: list[torch.Tensor],
     num_blocks: int,
     scale: float,
     path: str,
@@ -162,17 +197,18 @@ def _backward_op(
     needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dx_a, db, dÂ, dB̂)``; entries not asked for by ``needs`` are empty tensors. ``x_saved``: x itself when
-    ``adapter_is_x`` (gathered into bands here), else x_a already in the padded band layout."""
+    ``adapter_is_x`` (gathered into bands here), else x_a already in the padded band layout. ``state``: what the
+    forward kept (its orders and permuted factors), or empty tensors (then prepared here from the orders)."""
     need_x, need_xa, need_bias, need_A, need_B = needs
     with _on_device(grad_out), torch.autocast(grad_out.device.type, enabled=False):
         grad_out = grad_out.contiguous()
-        orders = blocked.prepare_orders(row_order, col_order)
+        orders = _orders_from_state(state, lora_A, lora_B) or blocked.prepare_orders(row_order, col_order)
         n_rows = grad_out.shape[0]
         chosen = "fused" if merged else resolve_path(path, n_rows, *weight.shape, num_blocks, grad_out.dtype,
                                                      grad_out.device, lora_A.shape[0])  # fmt: skip
         dy_bands = None
         if need_A or need_B or chosen == "blocked":
-            dy_bands = blocked.gather_bands(grad_out, orders.row, num_blocks)
+            dy_bands = blocked.gather_bands_t(grad_out, orders, "row", num_blocks)
         grad_x = grad_xa = None
         if chosen == "blocked":
             grad_x, grad_xa = blocked.blocked_input_grads(
@@ -180,23 +216,25 @@ def _backward_op(
                 adapter_is_x=adapter_is_x, need_x=need_x, need_xa=need_xa,
             )  # fmt: skip
         elif need_x or need_xa:
-            fac_A, fac_B, blk_row, blk_col = _fused_operands(lora_A, lora_B, orders, num_blocks)
+            blk_row, blk_col, flag = orders.inv_row, orders.inv_col, orders.flag  # positions: see _forward_body
             if adapter_is_x:
                 if need_x:  # dx = dY W0 + s·dY ΔW in one pass over W0
-                    grad_x = _gemm(grad_out, None, weight, None, fac_A, fac_B, blk_col, blk_row, scale,
-                                   transpose=True, has_base=True, merged=merged, num_blocks=num_blocks)  # fmt: skip
+                    grad_x = _gemm(grad_out, None, weight, None, lora_A, lora_B, blk_col, blk_row, scale,
+                                   transpose=True, has_base=True, merged=merged, num_blocks=num_blocks,
+                                   flag=flag, positions=True)  # fmt: skip
             else:
                 if need_x:
                     grad_x = grad_out @ weight
                 if need_xa:
-                    grad_xa = _gemm(grad_out, None, weight, None, fac_A, fac_B, blk_col, blk_row, scale,
-                                    transpose=True, has_base=False, merged=False, num_blocks=num_blocks)  # fmt: skip
+                    grad_xa = _gemm(grad_out, None, weight, None, lora_A, lora_B, blk_col, blk_row, scale,
+                                    transpose=True, has_base=False, merged=False, num_blocks=num_blocks,
+                                    flag=flag, positions=True)  # fmt: skip
         grad_bias = grad_out.sum(0) if need_bias else None
         grad_A = grad_B = None
         if need_A or need_B:
-            xa_bands = blocked.gather_bands(x_saved, orders.col, num_blocks) if adapter_is_x else x_saved
-            grad_A, grad_B = blocked.factor_grads(dy_bands, xa_bands, weight, lora_A, lora_B, orders, num_blocks,
-                                                  scale)  # fmt: skip
+            xa_bands = blocked.gather_bands_t(x_saved, orders, "col", num_blocks) if adapter_is_x else x_saved
+            grad_A, grad_B = blocked.factor_grads(dy_bands, xa_bands, n_rows, weight, lora_A, lora_B, orders,
+                                                  num_blocks, scale)  # fmt: skip
     # custom ops return tensors only: an unused gradient is a fresh empty tensor (distinct objects, no aliasing).
     grads = (grad_x if need_x else None, grad_xa if need_xa else None, grad_bias, grad_A if need_A else None,
              grad_B if need_B else None)  # fmt: skip
@@ -204,8 +242,8 @@ def _backward_op(
 
 
 @_backward_op.register_fake
-def _(grad_out, x_saved, adapter_is_x, weight, lora_A, lora_B, row_order, col_order, num_blocks, scale, path, merged,
-      needs):  # fmt: skip
+def _(grad_out, x_saved, adapter_is_x, weight, lora_A, lora_B, row_order, col_order, state, num_blocks, scale, path,
+      merged, needs):  # fmt: skip
     need_x, need_xa, need_bias, need_A, need_B = needs
     n_rows, d_in = grad_out.shape[0], weight.shape[1]
 
@@ -234,14 +272,15 @@ class SMoATritonFunction(torch.autograd.Function):
         ctx.adapter_is_x = x_adapter is None
         ctx.has_bias = bias is not None
         ctx.num_blocks, ctx.scale, ctx.path, ctx.merged = num_blocks, scale, path, merged
-        out, xa_bands = torch.ops.smoa_kernels.triton_forward(
+        out, xa_bands, *state = torch.ops.smoa_kernels.triton_forward(
             x, x_adapter, weight, bias, lora_A, lora_B, row_order, col_order, num_blocks, scale, path, merged,
-            save and x_adapter is not None,
+            save and x_adapter is not None, save,
         )  # fmt: skip
         # x_a in the padded band layout replaces x_a (the same size up to <= 15 padding columns per block); without
         # dropout x itself is kept (no new tensor) and the bands are gathered again in backward.
         x_saved = x if save and x_adapter is None else xa_bands
-        ctx.save_for_backward(x_saved, weight, lora_A, lora_B, row_order, col_order)
+        # the step's orders and permuted factors (save: O(d + r·d) elements), so the backward does not redo them
+        ctx.save_for_backward(x_saved, weight, lora_A, lora_B, row_order, col_order, *state)
         return out
 
     @staticmethod
@@ -249,9 +288,9 @@ class SMoATritonFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         need_x, need_xa, _, need_bias, need_A, need_B = ctx.needs_input_grad[:6]
         needs = [need_x, need_xa and not ctx.adapter_is_x, need_bias and ctx.has_bias, need_A, need_B]
-        x_saved, weight, lora_A, lora_B, row_order, col_order = ctx.saved_tensors
+        x_saved, weight, lora_A, lora_B, row_order, col_order, *state = ctx.saved_tensors
         grads = torch.ops.smoa_kernels.triton_backward(
-            grad_out, x_saved, ctx.adapter_is_x, weight, lora_A, lora_B, row_order, col_order, ctx.num_blocks,
+            grad_out, x_saved, ctx.adapter_is_x, weight, lora_A, lora_B, row_order, col_order, state, ctx.num_blocks,
             ctx.scale, ctx.path, ctx.merged, needs,
         )  # fmt: skip
         grad_x, grad_xa, grad_bias, grad_A, grad_B = (g if flag else None for g, flag in zip(grads, needs))

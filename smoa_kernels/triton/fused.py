@@ -29,6 +29,8 @@ docs/kernels.md, "The fused small-N kernel".
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from smoa_kernels.triton import configs
@@ -134,19 +136,99 @@ def _smoa_gemm_kernel(
     )
 
 
-def _block_factors(out_factor, red_factor, ids_out, ids_red, scale, num_blocks, rank_pad, dtype, red_pad):
+def _smoa_fused_operands_kernel(
+    U,
+    V,
+    OUT_FACTOR,
+    RED_FACTOR,
+    IDS_OUT,
+    IDS_RED,
+    FLAG,
+    d_out,
+    d_red,
+    rank,
+    num_blocks,
+    scale,
+    stride_fo,
+    stride_ft,
+    stride_rt,
+    stride_rc,
+    stride_u,
+    stride_v,
+    red_pad,
+    POSITIONS: tl.constexpr,
+    RANK_PAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The fused GEMM's block-extended factors in one launch (``fused`` module docstring), every element written:
+    ``U[o, k·r + t] = s·flag·F_out[o, t]·[blk_out(o) = k]``, ``V[k·r + t, c] = F_red[t, c]·[blk_red(c) = k]``, zeros
+    in the padding (columns of U and rows of V past K·r, columns of V past d_red). ``POSITIONS``: ``IDS[i]`` is the
+    position of coordinate i in its order (an inverse order) and ``blk(i)`` its tensor_split band, computed here (no
+    block-id buffers); else ``IDS`` holds the block ids themselves. Either is clamped into range first.
+    Programs ``[0, cdiv(d_out, BLOCK))`` write rows of U, the rest columns of V. ``flag`` (1.0, or NaN unless both
+    orders are permutations) poisons every row of U, so every entry of ``U V`` is NaN for a bad order."""
+    pid = tl.program_id(0)
+    programs_u = (d_out + BLOCK - 1) // BLOCK
+    j = tl.arange(0, RANK_PAD)  # column of U / row of V
+    k_j = j // tl.maximum(rank, 1)
+    t_j = j - k_j * rank
+    live_j = j < num_blocks * rank
+    flag = tl.load(FLAG)
+    if pid < programs_u:
+        n = d_out
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inv = tl.load(IDS_OUT + offs, mask=offs < n, other=0)
+    else:
+        n = d_red
+        offs = (pid - programs_u).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inv = tl.load(IDS_RED + offs, mask=offs < n, other=0)
+    if POSITIONS:
+        p = tl.minimum(tl.maximum(inv, 0), n - 1)
+        base = n // num_blocks
+        extra = n % num_blocks
+        long_span = extra * (base + 1)
+        blk = tl.where(p < long_span, p // (base + 1), extra + (p - long_span) // tl.maximum(base, 1))
+    else:
+        blk = tl.minimum(tl.maximum(inv, 0), num_blocks - 1)
+    hit = (blk[:, None] == k_j[None, :]) & live_j[None, :] & (offs < n)[:, None]
+    if pid < programs_u:
+        f = tl.load(OUT_FACTOR + offs[:, None] * stride_fo + t_j[None, :] * stride_ft, mask=hit, other=0.0)
+        value = tl.where(hit, f.to(tl.float32) * (scale * flag), 0.0)
+        tl.store(U + offs[:, None] * stride_u + j[None, :], value.to(U.dtype.element_ty), mask=(offs < d_out)[:, None])
+    else:
+        f = tl.load(RED_FACTOR + t_j[None, :] * stride_rt + offs[:, None] * stride_rc, mask=hit, other=0.0)
+        value = tl.where(hit, f.to(tl.float32), 0.0)
+        tl.store(
+            V + j[None, :] * stride_v + offs[:, None], value.to(V.dtype.element_ty), mask=(offs < red_pad)[:, None]
+        )
+
+
+@functools.cache
+def _one(device: torch.device) -> torch.Tensor:
+    return torch.ones((), dtype=torch.float32, device=device)  # the flag of a call without an order guard
+
+
+def _block_factors(out_factor, red_factor, ids_out, ids_red, scale, num_blocks, rank_pad, dtype, red_pad, flag=None,
+                   positions=False):  # fmt: skip
     """The block-extended factors (module docstring): U (d_out × rank_pad), V (rank_pad × red_pad), contiguous, in
-    ``dtype``, with ``U V[:, :d_red] = s·(out_factor red_factor) ⊙ [ids_out == ids_red]`` and zeros elsewhere."""
+    ``dtype``, with ``U V[:, :d_red] = s·(out_factor red_factor) ⊙ [blk_out == blk_red]`` and zeros elsewhere, in one
+    launch (``_smoa_fused_operands_kernel``). ``ids_*``: block ids, or with ``positions`` the inverse orders (block ids
+    computed in the kernel). ``flag`` (a 0-d fp32 tensor, 1.0 or NaN): multiplied into U (a NaN in every row of U
+    makes every entry of U V NaN)."""
     d_out, rank = out_factor.shape
     d_red = red_factor.shape[1]
-    u = torch.zeros((d_out, rank_pad), dtype=dtype, device=out_factor.device)
-    v = torch.zeros((rank_pad, red_pad), dtype=dtype, device=out_factor.device)
-    if rank:
-        blocks = torch.arange(num_blocks, device=out_factor.device, dtype=ids_out.dtype)
-        u_view = u[:, : num_blocks * rank].view(d_out, num_blocks, rank)
-        v_view = v[: num_blocks * rank, :d_red].view(num_blocks, rank, d_red)
-        u_view.copy_(torch.where((ids_out[:, None] == blocks)[:, :, None], out_factor[:, None, :] * scale, 0))
-        v_view.copy_(torch.where((ids_red[None, :] == blocks[:, None])[:, None, :], red_factor[None, :, :], 0))
+    device = out_factor.device
+    u = torch.empty((d_out, rank_pad), dtype=dtype, device=device)
+    v = torch.empty((rank_pad, red_pad), dtype=dtype, device=device)
+    flag = _one(device) if flag is None else flag
+
+    def grid(meta):
+        return (triton.cdiv(d_out, meta["BLOCK"]) + triton.cdiv(red_pad, meta["BLOCK"]),)
+
+    configs.launch("fused_operands", grid, u, v, out_factor, red_factor, ids_out, ids_red, flag, d_out, d_red, rank,
+                   num_blocks, float(scale), out_factor.stride(0), out_factor.stride(1), red_factor.stride(0),
+                   red_factor.stride(1), u.stride(0), v.stride(0), red_pad, POSITIONS=positions,
+                   RANK_PAD=rank_pad)  # fmt: skip
     return u, v
 
 
@@ -165,10 +247,14 @@ def _gemm(
     has_base: bool,
     merged: bool,
     num_blocks: int | None = None,
+    flag: torch.Tensor | None = None,
+    positions: bool = False,
 ) -> torch.Tensor:
     """Launch ``_smoa_gemm_kernel``. ``transpose=False``: forward (weight d_out×d_in, out_factor B̂ d_out×r_k,
     red_factor Â r_k×d_in, ids = blk_row / blk_col). ``transpose=True``: dX (same tensors, read through swapped
     strides; pass Â, B̂, blk_col, blk_row). ``num_blocks`` (K): pass it to avoid a device-to-host sync (``ids.max()``).
+    ``flag``: the order guard's 0-d poison flag (1.0 or NaN), multiplied into the block-extended U. ``positions``:
+    ``ids_out`` / ``ids_red`` are the inverse orders (positions), not block ids (``num_blocks`` is then required).
 
     Per call (no per-tile work): the block-extended factors U, V (module docstring) in the activation dtype, and x /
     x_a made contiguous if their last stride is not 1 (N·d elements, small next to W0 at small N)."""
@@ -191,7 +277,7 @@ def _gemm(
     rank_pad = configs._rank_pad(num_blocks * rank)
     red_pad = -(-d_red // 16) * 16
     u, v = _block_factors(out_factor, red_factor, ids_out, ids_red, float(scale), num_blocks, rank_pad, x.dtype,
-                          red_pad)  # fmt: skip
+                          red_pad, flag, positions)  # fmt: skip
     if x.stride(-1) != 1:
         x = x.contiguous()
     xa = x if x_adapter is None else (x_adapter if x_adapter.stride(-1) == 1 else x_adapter.contiguous())

@@ -26,7 +26,7 @@ pytest.importorskip("triton", reason="triton is not installed: the fused kernel 
 from smoa_kernels.blocks import block_ids
 from smoa_kernels.reference import dense_delta_weight, smoa_linear_reference
 from smoa_kernels.triton import configs
-from smoa_kernels.triton.fused import _gemm
+from smoa_kernels.triton.fused import _block_factors, _gemm
 from tests.utils import seeded
 
 ON_GPU = torch.cuda.is_available()
@@ -210,12 +210,19 @@ def test_adapter_check_fails_when_the_adapter_is_dropped_or_halved():
         assert not _adapter_ok(actual - 0.1 * adapter, base, adapter, bound)  # 10% too small
 
 
+_default = configs.default_config  # the other kernels (the operands kernel) keep their own config
+
+
 def test_every_shipped_config_is_correct_under_the_interpreter(monkeypatch):
     # each KERNEL_CONFIGS["gemm"] entry (not only the default) computes the same function: force it as the default
     p = _problem(17, 70, 72, 2, 16, torch.float16, seed=7)
     expected = _expected(p)
     for entry in configs.KERNEL_CONFIGS["gemm"]:
-        monkeypatch.setattr(configs, "default_config", lambda name, dtype, entry=entry: entry)
+        monkeypatch.setattr(
+            configs,
+            "default_config",
+            lambda name, dtype, entry=entry: entry if name == "gemm" else _default(name, dtype),
+        )
         dtype = torch.float32 if "fp32" in configs.config_dtypes(entry) else torch.float16
         if dtype == torch.float16:
             _check(_launch(p), dtype, *expected)
@@ -232,10 +239,14 @@ def test_launcher_passes_aligned_block_extended_factors():
     with configs.capture_launches() as launches:
         _gemm(p["x"], None, p["weight"], None, p["lora_B"], p["lora_A"], blk_row, blk_col, p["scale"],
               transpose=False, has_base=True, merged=False, num_blocks=3)  # fmt: skip
-    (launch,) = launches
+    operands, launch = launches  # the operands kernel writes U and V, the GEMM reads them
+    assert operands.name == "fused_operands" and launch.name == "gemm"
     u, v = launch.args[5], launch.args[6]
+    assert operands.args[0] is u and operands.args[1] is v
     assert launch.constexprs["RANK_PAD"] == 16 and u.shape == (21, 16) and v.shape == (16, 32)
     assert u.is_contiguous() and v.is_contiguous() and u.dtype == v.dtype == torch.float32
+    # (captured launches do not run: the values come from the operands kernel itself, under the interpreter)
+    u, v = _block_factors(p["lora_B"], p["lora_A"], blk_row, blk_col, p["scale"], 3, 16, torch.float32, 32)
     d = {k: p[k].double() for k in ("lora_A", "lora_B")}
     delta = p["scale"] * dense_delta_weight(torch.ones(21, 19, dtype=torch.float64), d["lora_A"], d["lora_B"],
                                             p["row_order"], p["col_order"], 3)  # fmt: skip

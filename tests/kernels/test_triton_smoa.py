@@ -343,7 +343,7 @@ def test_frozen_factors_still_give_the_input_gradient(path):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dropout", [False, True])
 def test_what_is_saved_for_backward(path, dropout):
-    # No dropout: x itself (no new N×d_in tensor, as LoRA); dropout: x_a in the padded band layout instead of x_a.
+    # No dropout: x itself (no new N×d_in tensor, as LoRA); dropout: x_a in the token-minor padded bands instead of x_a.
     # Nothing D²-sized either way (ΔW_k is regenerated in backward).
     problem = _make_inputs((9,), 30, 67, 3, 4, dropout, True, "contiguous", torch.float32, torch.float32)
     x = problem["x"].to(DEVICE).requires_grad_(True)
@@ -361,10 +361,12 @@ def test_what_is_saved_for_backward(path, dropout):
         smoa_linear_triton(x, x_adapter, weight, None, lora_A, lora_B, *orders, 3, 0.5, path=path)
     activations = [t for t in saved if t.dim() == 2 and t.shape[0] == 9]
     if dropout:  # the mask multiply saves the mask; the kernels' saved tensor is the gathered x_a: 3 bands of 23 → 96
-        assert any(t.shape == (9, 96) for t in activations), [t.shape for t in activations]
+        # rows (token-minor), 9 tokens → a row stride of 16
+        assert any(t.shape == (96, 16) for t in saved), [t.shape for t in saved]
     else:
         assert [t.data_ptr() for t in activations] == [x.data_ptr()], [t.shape for t in activations]
-    assert all(t.numel() < 30 * 67 for t in saved if t.shape[0] != 9 and tuple(t.shape) != (30, 67))  # W0 itself
+    # besides W0 itself: the orders, their inverses, the flag and the permuted factors the forward hands to backward
+    assert all(t.numel() < 30 * 67 for t in saved if not (t.dim() and t.shape[0] == 9) and tuple(t.shape) != (30, 67))
 
 
 def test_custom_ops_are_registered_with_fake_impls():
@@ -377,13 +379,17 @@ def test_custom_ops_are_registered_with_fake_impls():
         lora_A, lora_B = torch.empty(4, 67), torch.empty(10, 4)
         orders = torch.empty(10, dtype=torch.int64), torch.empty(67, dtype=torch.int64)
         for path in ("auto", "fused", "blocked"):
-            y, xa_bands = torch.ops.smoa_kernels.triton_forward(x, None, weight, None, lora_A, lora_B, *orders, 3, 0.5,
-                                                                path, False, True)  # fmt: skip
-            # 67 columns in 3 bands of 23, 22, 22, each padded to 32: the saved x_a is 7 × 96
-            assert y.shape == (7, 10) and xa_bands.shape == (7, 96)
-            _, nothing = torch.ops.smoa_kernels.triton_forward(x, None, weight, None, lora_A, lora_B, *orders, 3, 0.5,
-                                                               path, False, False)  # fmt: skip
-            assert nothing.shape == (0,)
+            y, xa_bands, *state = torch.ops.smoa_kernels.triton_forward(
+                x, None, weight, None, lora_A, lora_B, *orders, 3, 0.5, path, False, True, True
+            )
+            # 67 columns in 3 bands of 23, 22, 22, each padded to 32: the saved x_a is 96 token-minor rows of 16
+            assert y.shape == (7, 10) and xa_bands.shape == (96, 16)
+            # the step's state: both orders clamped and inverted, the flag, col_order's band index, Â and B̂ permuted
+            assert [tuple(t.shape) for t in state] == [(10,), (67,), (10,), (67,), (), (96,), (4, 96), (10, 4)]
+            _, nothing, *state = torch.ops.smoa_kernels.triton_forward(
+                x, None, weight, None, lora_A, lora_B, *orders, 3, 0.5, path, False, False, False
+            )
+            assert nothing.shape == (0,) and all(t.shape == (0,) for t in state)
             grads = torch.ops.smoa_kernels.triton_backward(
                 y,
                 xa_bands,
@@ -392,6 +398,7 @@ def test_custom_ops_are_registered_with_fake_impls():
                 lora_A,
                 lora_B,
                 *orders,
+                state,
                 3,
                 0.5,
                 path,
