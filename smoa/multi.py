@@ -14,9 +14,13 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from smoa_kernels.multi_adapter import AdapterFactors, MultiAdapterBank
+from smoa_kernels.multi_adapter import AdapterFactors, AdapterSegments, MultiAdapterBank, build_segments
 
-__all__ = ["adapter_bank", "peft_layer_bank"]
+__all__ = ["adapter_bank", "batch_segments", "peft_layer_bank"]
+
+# The last batch's per-token index and segment table. A model's layers see the same adapter names and token shape in
+# one forward, so they share one table (~13 small launches and one host-to-device copy per batch, not per layer).
+_last_batch: list = [(None, None)]  # one (key, value) pair, replaced whole (threads never mix two batches)
 
 
 def adapter_bank(layers: Mapping[str, object] | Sequence[object]) -> MultiAdapterBank:
@@ -95,3 +99,21 @@ def peft_layer_bank(layer, names: Sequence[str], weight: torch.Tensor) -> MultiA
         bank = None
     layer.__dict__["_smoa_multi_bank"] = (key, tensors, bank)
     return bank
+
+
+def batch_segments(
+    bank: MultiAdapterBank, adapter_names: Sequence[str], shape, device
+) -> tuple[torch.Tensor, AdapterSegments]:
+    """``(adapter_index, segments)`` of PEFT-style per-sample ``adapter_names`` for ``bank`` (names it does not hold
+    count as ``"__base__"``), for tokens of ``shape`` (``x.shape[:-1]``) on ``device``. Reused while the names, the
+    shape, the device and the bank's adapter names are the same — the case of every layer of one forward — so a batch
+    builds its table once. Everything in the key is compared by value: a reuse gives exactly what a rebuild would."""
+    held = set(bank.names)
+    names = tuple(name if name in held else "__base__" for name in adapter_names)
+    key = (names, tuple(int(n) for n in shape), torch.device(device), bank.names)
+    cached_key, value = _last_batch[0]
+    if cached_key != key:
+        index = bank.index_for(names, key[1], device=device)
+        value = (index, build_segments(index, bank.num_adapters))
+        _last_batch[0] = (key, value)
+    return value

@@ -29,6 +29,7 @@ on short segments). Methods, forward only (inference), for a ``d_out × d_in`` l
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -43,6 +44,13 @@ TOKEN_COUNTS = (64, 2048)
 BLOCKS = (2, 4)
 BLOCK_NS = (16, 32)  # the token tiles of smoa_kernels.triton.multi_adapter.CONFIGS
 LABEL = "ESTIMATE from smoa_kernels.cost_model_multi (a model, not a measurement)"
+
+
+def _repeated(p: cm.Pass, times: int, what: str) -> cm.Pass:
+    """``p`` run ``times`` times (once per adapter or sub-batch): FLOPs, bytes, gathered elements and launches scale,
+    each launch keeps its grid."""
+    return dataclasses.replace(p, name=f"{p.name} (×{times} {what})", flops=p.flops * times, bytes=p.bytes * times,
+                               gathered=p.gathered * times, launches=p.launches * times)  # fmt: skip
 
 
 def _rank_pad(rank: int) -> int:
@@ -81,12 +89,14 @@ def passes(method: str, n_tokens: int, n_adapters: int, d_out: int, d_in: int, r
             cm._gemm("base GEMM x·W0ᵀ (all tokens)", n_tokens, d_out, d_in, e),
             cm.Pass("segment table (sort, counts) + host read of the offsets", "memory", 0, 16 * n_tokens, 2),
         ]
-        for p in cm._forward("smoa-blocked", max(1, round(n_a)), d_out, d_in, rank, num_blocks, e, False)[1:]:
-            out.append(cm.Pass(f"{p.name} (×{T} adapters)", p.engine, p.flops * T, p.bytes * T, p.launches * T))
+        blocked = cm._forward("smoa-blocked", max(1, round(n_a)), d_out, d_in, rank, num_blocks, e, False, keep=False)
+        for p in blocked:
+            if "x·W0ᵀ" not in p.name:  # its base GEMM runs once for all tokens, above
+                out.append(_repeated(p, T, "adapters"))
         out.append(cm.Pass(f"gather the segments' rows (×{T})", "memory", 0, 2 * e * n_tokens * d_in, T))
     elif method == "sequential":
-        for p in cm._forward("smoa-fused", max(1, round(n_a)), d_out, d_in, rank, num_blocks, e, False):
-            out.append(cm.Pass(f"{p.name} (×{T} sub-batches)", p.engine, p.flops * T, p.bytes * T, p.launches * T))
+        for p in cm._forward("smoa-fused", max(1, round(n_a)), d_out, d_in, rank, num_blocks, e, False, keep=False):
+            out.append(_repeated(p, T, "sub-batches"))
         if T > 1:
             out.append(cm.Pass(f"gather/scatter the sub-batches (×{T})", "memory", 0,
                                2 * e * n_tokens * (d_in + d_out), 2 * T))  # fmt: skip
@@ -98,7 +108,7 @@ def passes(method: str, n_tokens: int, n_adapters: int, d_out: int, d_in: int, r
             cm._gemm("(sub_x·Aᵀ)·Bᵀ", n_a, d_out, rho, e),
             cm.Pass("index, scale, result[idx] += lora", "memory", 0, 5 * e * n_a * d_out + e * n_a * d_in, 3),
         ):
-            out.append(cm.Pass(f"{p.name} (×{T} adapters)", p.engine, p.flops * T, p.bytes * T, p.launches * T))
+            out.append(_repeated(p, T, "adapters"))
         del f
     return [cm._timed(p, g, e) for p in out]
 

@@ -194,3 +194,20 @@ def test_adapter_bank_refuses_other_bases_and_merged_layers():
         adapter_bank([nn.Linear(3, 3)])
     with pytest.raises(ValueError, match="layers is empty"):
         adapter_bank([])
+
+
+def test_the_layers_of_one_forward_share_one_segment_table(monkeypatch):
+    import smoa.multi as multi
+
+    built = []
+    original = multi.build_segments
+    monkeypatch.setattr(multi, "build_segments", lambda index, n: built.append(n) or original(index, n))
+    model = model_with_adapters()
+    x = inputs(shape=(3,))
+    with torch.no_grad(), smoa.use_backend("triton"):
+        first = model(x, adapter_names=MIXES["all-three-and-base"])
+        assert len(built) == 1  # lin0 and lin1: one table for the batch
+        model(x, adapter_names=MIXES["one-adapter"])  # other names: a new table
+        assert len(built) == 2
+        again = model(x, adapter_names=list(MIXES["all-three-and-base"]))  # equal names (another list): rebuilt or
+    torch.testing.assert_close(again, first, atol=0, rtol=0)  # reused, the same table and the same outputs

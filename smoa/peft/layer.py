@@ -43,7 +43,7 @@ from smoa.factors import (
     zero_rank_rows,
 )
 from smoa.merge import MergeRecord, exact_merge, exact_unmerge, smoa_modulation
-from smoa.multi import peft_layer_bank
+from smoa.multi import batch_segments, peft_layer_bank
 from smoa.partition import compute_orders
 from smoa.peft.state import (
     OrderDict,
@@ -456,9 +456,8 @@ class Linear(nn.Module, SMoALayer):
         bank = peft_layer_bank(self, names, base.weight)
         if bank is None:
             return None
-        held = set(names)
-        index = bank.index_for([name if name in held else "__base__" for name in adapter_names], x.shape[:-1])
-        return bank(x, base.bias, index, backend="triton")
+        index, segments = batch_segments(bank, adapter_names, x.shape[:-1], x.device)
+        return bank(x, base.bias, index, segments=segments, backend="triton")
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)

@@ -314,6 +314,11 @@ def test_cost_model_multi_is_labelled_and_consistent():
     assert "| 64 | 2 | 16 |" in cost_model_multi.markdown_table()
     with pytest.raises(ValueError, match="n_adapters=0"):
         cost_model_multi.estimate("multi-fused", 64, 0)
+    # the docs' table is the model's, regenerated when the model changes
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "multi_adapter.md").read_text()
+    assert cost_model_multi.markdown_table().strip().split("\n", 2)[2] in docs, "regenerate docs/multi_adapter.md"
 
 
 def test_compile_gate_captures_the_multi_adapter_launch():
