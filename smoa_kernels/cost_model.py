@@ -13,13 +13,9 @@ K blocks (r_k = r/K), dropout p = 0:
   passes (scale, add);
 - ``hira``: PEFT HiRA at rank r/K: dense ``ΔW = W0 ⊙ (B A)`` each step, a second full GEMM, the full ``dYᵀx``;
 - ``reference``: the official dense SMoA formulation (``hira`` plus the block-mask passes over D²);
-- ``smoa-fused``: the single-pass Triton kernel (base + adapter dot on every weight tile, ΔW generated in registers):
-  4·N·D² per GEMM pass, (8 + 2/K)·N·D² per training step, all at the Triton efficiency;
-- ``smoa-blocked``: the full-weight GEMMs in the vendor library plus the adapter on the K contiguous diagonal blocks:
-  forward = base GEMM + gather x_a + ΔW_k generation + K block GEMMs + scatter-add into y; backward = ``dY W0`` +
-  gather dY + re-gather x (saved as is, not its bands) + ΔW_k regeneration + anchor gather + K block GEMMs for dX +
-  scatter-add into dx + K ``G_k = dY_kᵀ x_k`` GEMMs (fp32 out)
-  + the factor-gradient epilogue (reads G_k and W0_k, rank-r_k contractions): exactly (4 + 6/K)·N·D² FLOPs.
+- ``smoa-fused``, ``smoa-blocked``: the two Triton paths, one pass per launch the code makes (order guard, operands,
+  band gathers, ΔW_k generation, the GEMMs, scatters, the factor-gradient epilogue; the blocked path does exactly
+  (4 + 6/K)·N·D² FLOPs per step), checked against captured launches by tests/kernels/test_launch_inventory.py.
 
 The ``triton`` backend's dispatch (:func:`choose_path`) uses it to pick, per call, between ``"fused"`` (wins at small N,
 where reading W0 dominates) and ``"blocked"`` (wins at training-sized N, where FLOPs dominate). Its predictions for the

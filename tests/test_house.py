@@ -107,3 +107,11 @@ def test_no_code_or_doc_cites_a_work_item():
     hits = [f"{p.relative_to(ROOT)}:{i}" for p in files if p.is_file()
             for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]  # fmt: skip
     assert hits == [], hits
+
+
+MAX_LINES = 600  # one idea a module: a file past this holds more than one
+
+
+def test_no_module_of_the_two_packages_is_longer_than_max_lines():
+    long = {name: n for name, path in _modules().items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
+    assert long == {}, f"split these by idea: {long}"

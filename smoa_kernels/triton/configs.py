@@ -97,13 +97,13 @@ _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "b
 # so the compile gate and the kernel modules can both import it).
 KERNEL_SOURCES = {
     "gemm": ("smoa_kernels.triton.fused", "_smoa_gemm_kernel"),
-    "delta_blocks": ("smoa_kernels.triton.blocked", "_smoa_delta_blocks_kernel"),
-    "scatter": ("smoa_kernels.triton.blocked", "_smoa_scatter_kernel"),
-    "band_gather": ("smoa_kernels.triton.blocked", "_smoa_band_gather_kernel"),
+    "delta_blocks": ("smoa_kernels.triton.blocked_kernels", "_smoa_delta_blocks_kernel"),
+    "scatter": ("smoa_kernels.triton.blocked_kernels", "_smoa_scatter_kernel"),
+    "band_gather": ("smoa_kernels.triton.blocked_kernels", "_smoa_band_gather_kernel"),
     "fused_operands": ("smoa_kernels.triton.fused", "_smoa_fused_operands_kernel"),
-    "factor_epilogue": ("smoa_kernels.triton.blocked", "_smoa_factor_epilogue_kernel"),
-    "orders": ("smoa_kernels.triton.blocked", "_smoa_orders_kernel"),
-    "orders_check": ("smoa_kernels.triton.blocked", "_smoa_orders_check_kernel"),
+    "factor_epilogue": ("smoa_kernels.triton.blocked_kernels", "_smoa_factor_epilogue_kernel"),
+    "orders": ("smoa_kernels.triton.blocked_kernels", "_smoa_orders_kernel"),
+    "orders_check": ("smoa_kernels.triton.blocked_kernels", "_smoa_orders_check_kernel"),
 }
 _GEMM_CODE_FLAGS = ("HAS_BASE", "XA_IS_X", "HAS_BIAS", "MERGED", "W_T", "DOT_PRECISION")
 _AUTOTUNE_KEYS = {
