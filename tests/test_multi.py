@@ -211,3 +211,29 @@ def test_the_layers_of_one_forward_share_one_segment_table(monkeypatch):
         assert len(built) == 2
         again = model(x, adapter_names=list(MIXES["all-three-and-base"]))  # equal names (another list): rebuilt or
     torch.testing.assert_close(again, first, atol=0, rtol=0)  # reused, the same table and the same outputs
+
+
+def test_generate_with_adapter_names_takes_one_pass_per_layer(monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    calls = []
+    original = triton_multi.multi_adapter_forward
+    monkeypatch.setattr(triton_multi, "multi_adapter_forward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    torch.manual_seed(seeded(0))
+    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, vocab_size=64, max_position_embeddings=32)  # fmt: skip
+    smoa_config = {"r": 4, "num_blocks": 2, "target_modules": ["q_proj", "v_proj"], "init_weights": False}
+    model = get_peft_model(LlamaForCausalLM(config), SMoAConfig(**smoa_config), adapter_name="a")
+    model.add_adapter("b", SMoAConfig(**smoa_config))
+    model.eval()
+    ids = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(seeded(1)))
+    names = ["a", "__base__", "b"]
+    options = {"max_new_tokens": 2, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
+    with torch.no_grad():
+        with smoa.use_backend("triton"):
+            out = model.generate(input_ids=ids, adapter_names=names, **options)
+        assert calls  # q_proj and v_proj took the one-pass kernel at every step
+        with smoa.use_backend("torch"):  # the per-sub-batch loop
+            loop = model.generate(input_ids=ids, adapter_names=names, **options)
+    first, first_loop = out.scores[0], loop.scores[0]
+    torch.testing.assert_close(first, first_loop, atol=1e-4 * float(first_loop.abs().max()), rtol=1e-4)

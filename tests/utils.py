@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -10,6 +12,21 @@ import torch.nn as nn
 # Added to every seed the tests draw inputs with: SMOA_TEST_SEED=n reruns the suite on other random inputs (.ci/matrix),
 # so that no bound holds only for the one draw it was written on.
 TEST_SEED = int(os.environ.get("SMOA_TEST_SEED", "0"))
+
+
+@contextlib.contextmanager
+def triton_interpreter() -> Iterator[None]:
+    """``TRITON_INTERPRET=1`` for the block (Triton reads it at each launch), the previous value restored after; for
+    module-scoped fixtures, where pytest's ``monkeypatch`` (function-scoped) cannot be used."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
 
 
 def seeded(seed: int) -> int:

@@ -3,8 +3,6 @@ interpreter: exact copies (no arithmetic), so the comparison is exact."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -12,17 +10,13 @@ pytest.importorskip("triton", reason="triton is not installed")
 
 from smoa_kernels.blocks import block_bounds, padded_band_starts
 from smoa_kernels.triton import blocked
+from tests.utils import triton_interpreter
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpret():
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if previous is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = previous
+    with triton_interpreter():
+        yield
 
 
 TILE = blocked.configs.default_config("band_gather", torch.float16)

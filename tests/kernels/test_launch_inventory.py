@@ -13,7 +13,6 @@ and fp32 copies on the CPU)."""
 from __future__ import annotations
 
 import contextlib
-import os
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ pytest.importorskip("triton", reason="triton is not installed")
 
 from smoa_kernels import cost_model as cm
 from smoa_kernels.triton import blocked, configs, function, smoa_linear_triton
+from tests.utils import triton_interpreter
 
 NOT_LAUNCHES = {"view", "_unsafe_view", "t", "transpose", "slice", "select", "as_strided", "expand", "alias", "detach",
                 "detach_", "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "_reshape_alias",
@@ -33,13 +33,8 @@ CUSTOM_OPS = {"triton_forward": function._forward_op, "triton_backward": functio
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpret():
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if previous is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = previous
+    with triton_interpreter():
+        yield
 
 
 def _storage(t):
