@@ -34,6 +34,7 @@ output row is NaN (the kernel reads a poison slot: no out-of-bounds read; the to
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -207,7 +208,9 @@ class MultiAdapterBank:
             raise ValueError(f"num_blocks={num_blocks} must be in [1, min(d_out, d_in)={min(d_out, d_in)}]")
         for name, order, n in (("row_order", row_order, d_out), ("col_order", col_order, d_in)):
             if not isinstance(order, torch.Tensor) or order.dtype != torch.int64 or order.shape != (n,):
-                raise ValueError(f"{name} must be a 1-D int64 tensor of length {n}")
+                found = (f"shape {tuple(order.shape)}, dtype={order.dtype}" if isinstance(order, torch.Tensor)
+                         else type(order).__name__)  # fmt: skip
+                raise ValueError(f"{name} must be a 1-D int64 tensor of length {n}, found {found}")
             if order.device != weight.device:
                 raise ValueError(f"{name} is on {order.device} but weight is on {weight.device}")
             if not torch.equal(order.sort().values, torch.arange(n, device=order.device)):
@@ -267,6 +270,8 @@ class MultiAdapterBank:
             scale = f.scale
             if isinstance(scale, bool) or not isinstance(scale, (int, float)):
                 raise TypeError(f"adapters[{i}].scale must be a python float, got {scale!r}")
+            if not math.isfinite(scale):
+                raise ValueError(f"adapters[{i}].scale={scale!r} must be finite (s = alpha / r)")
             pad = rank - A.shape[0]
             if pad:
                 A = torch.cat([A, A.new_zeros(pad, d_in)], 0)

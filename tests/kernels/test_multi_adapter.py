@@ -215,6 +215,12 @@ def test_refusals_name_the_argument():
     dev = _cast(layer, torch.float32, torch.float32)
     W, ro, co = dev["weight"], dev["row_order"], dev["col_order"]
     A, B = dev["adapters"][0].lora_A, dev["adapters"][0].lora_B
+    for scale in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match=r"adapters\[1\]\.scale=(nan|inf|-inf) must be finite"):
+            MultiAdapterBank.build(W, [AdapterFactors(A, B), AdapterFactors(A, B, scale)], ro, co, 2)
+    with pytest.raises(ValueError, match=r"row_order must be a 1-D int64 tensor of length 24, found shape \(24,\), "
+                                         r"dtype=torch.int32"):  # fmt: skip
+        MultiAdapterBank.build(W, [(A, B)], ro.int(), co, 2)
     with pytest.raises(ValueError, match=r"adapters\[1\].num_blocks=4 but the batch uses num_blocks=2"):
         MultiAdapterBank.build(W, [AdapterFactors(A, B), AdapterFactors(A, B, num_blocks=4)], ro, co, 2)
     with pytest.raises(ValueError, match=r"adapters\[1\].col_order differs"):
