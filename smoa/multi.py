@@ -27,22 +27,27 @@ def adapter_bank(layers: Mapping[str, object] | Sequence[object]) -> MultiAdapte
     """A :class:`MultiAdapterBank` over ``layers``: :class:`smoa.layer.SMoALinear` adapters of one base layer (the same
     W0 tensor, or equal W0 values, and equal orders). A mapping ``name -> layer`` gives a bank whose
     ``index_for(adapter_names, shape)`` takes PEFT-style names. Refuses, naming the layer: another base weight, a
-    merged layer, another ``num_blocks`` or other orders (via the bank)."""
+    merged layer, a W0 that another layer sharing it has merged into; the bank refuses another ``num_blocks`` or
+    other orders, naming the adapter's position."""
     named = isinstance(layers, Mapping)
     items = list(layers.items()) if named else [(str(i), layer) for i, layer in enumerate(layers)]
     if not items:
         raise ValueError("layers is empty: give at least one SMoALinear")
     first = items[0][1]
+    where = {name: f"layers[{name!r}]" if named else f"layers[{name}]" for name, _ in items}
     for name, layer in items:
-        where = f"layers[{name!r}]" if named else f"layers[{name}]"
         if not all(hasattr(layer, attr) for attr in ("smoa_A", "smoa_B", "row_order", "col_order", "weight")):
-            raise TypeError(f"{where} must be an SMoALinear, got {type(layer).__name__}")
+            raise TypeError(f"{where[name]} must be an SMoALinear, got {type(layer).__name__}")
         if layer.merged:
-            raise ValueError(f"{where} is merged: unmerge() it first (its weight holds W0 + ΔW, not the shared W0)")
+            raise ValueError(
+                f"{where[name]} is merged: unmerge() it first (its weight holds W0 + ΔW, not the shared W0)"
+            )
+    for name, layer in items:
         if layer.weight is not first.weight and (
             layer.weight.shape != first.weight.shape or not torch.equal(layer.weight, first.weight)
         ):
-            raise ValueError(f"{where} adapts another base weight than the first layer: one bank serves one W0")
+            raise ValueError(f"{where[name]} adapts another base weight than the first layer: one bank serves one W0")
+        layer._check_weight_owner()  # a from_linear sibling outside ``layers`` merged into the shared W0
         layer._check_orders()
     factors = {
         name: _factors(

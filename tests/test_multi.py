@@ -190,6 +190,10 @@ def test_adapter_bank_refuses_other_bases_and_merged_layers():
     layers["task1"].merge()
     with pytest.raises(ValueError, match=r"layers\['task1'\] is merged"):
         adapter_bank(layers)
+    with pytest.raises(RuntimeError, match="holds another SMoA layer's merged update"):
+        adapter_bank({"task0": layers["task0"]})  # task1 (not in the bank) merged into the W0 task0 shares
+    layers["task1"].unmerge()
+    adapter_bank(layers)  # unmerged: accepted again
     with pytest.raises(TypeError, match=r"layers\[0\] must be an SMoALinear, got Linear"):
         adapter_bank([nn.Linear(3, 3)])
     with pytest.raises(ValueError, match="layers is empty"):

@@ -29,10 +29,7 @@ from peft.utils.integrations import gather_params_ctx
 from transformers.pytorch_utils import Conv1D
 
 from smoa.backends import resolve_backend, smoa_linear
-from smoa.checkpoint import (
-    check_order,
-    partition_info,
-)
+from smoa.checkpoint import check_order, partition_info
 from smoa.factors import (
     check_smoa_arguments,
     init_block_factors,
